@@ -1,0 +1,102 @@
+"""Engine configuration: validated once at construction, never mutated afterwards."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+from transformers import AutoConfig, PretrainedConfig
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+ATTENTION_BACKENDS = ("auto", "flash_attn", "triton", "torch")
+SCHEDULING_POLICIES = ("prefill_first", "chunked")
+
+
+def _require_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low or (high is not None and value > high):
+        limit = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {limit}, got {value}")
+
+
+def _require_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """User-facing engine settings (nano-vLLM's names and defaults).
+
+    `hf_config` is read from `model/config.json` during construction. Values derived at run
+    time (the KV block count actually allocated, the resolved device) live elsewhere.
+    """
+
+    model: str
+    max_num_batched_tokens: int = 16384
+    max_num_seqs: int = 512
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    kvcache_block_size: int = 256
+    num_kvcache_blocks: int = -1
+    device: str = "auto"
+    dtype: str = "auto"
+    attention_backend: str = "auto"
+    cpu_kvcache_space_gib: float = 4.0
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "prefill_first"
+    hf_config: PretrainedConfig = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, (str, os.PathLike)) or not os.path.isdir(self.model):
+            raise ValueError(f"model must be a local Hugging Face folder, got {self.model!r} (not a directory)")
+        if not os.path.isfile(os.path.join(self.model, "config.json")):
+            raise ValueError(f"model folder {self.model!r} has no config.json")
+        _require_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        _require_int("max_num_seqs", self.max_num_seqs, 1)
+        _require_int("max_model_len", self.max_model_len, 2)
+        _require_int("tensor_parallel_size", self.tensor_parallel_size, 1, 8)
+        _require_int("kvcache_block_size", self.kvcache_block_size, 16)
+        if self.kvcache_block_size & (self.kvcache_block_size - 1):
+            raise ValueError(f"kvcache_block_size must be a power of two >= 16, got {self.kvcache_block_size}")
+        _require_int("num_kvcache_blocks", self.num_kvcache_blocks, -1)
+        if self.num_kvcache_blocks == 0:
+            raise ValueError("num_kvcache_blocks must be -1 (size from memory) or >= 1, got 0")
+        if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if not isinstance(self.cpu_kvcache_space_gib, (int, float)) or self.cpu_kvcache_space_gib <= 0:
+            raise ValueError(f"cpu_kvcache_space_gib must be > 0, got {self.cpu_kvcache_space_gib!r}")
+        for name in ("enforce_eager", "enable_prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        _require_choice("device", self.device, DEVICES)
+        _require_choice("dtype", self.dtype, DTYPES)
+        _require_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _require_choice("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
+        if self.scheduling_policy == "prefill_first" and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
+                f"({self.max_model_len}) with scheduling_policy='prefill_first'; use 'chunked' to prefill long prompts in pieces"
+            )
+        hf_config = AutoConfig.from_pretrained(self.model)
+        object.__setattr__(self, "hf_config", hf_config)
+        max_positions = getattr(hf_config, "max_position_embeddings", None)
+        if max_positions is not None and self.max_model_len > max_positions:
+            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's max_position_embeddings ({max_positions})")
+        tp = self.tensor_parallel_size
+        for name in ("num_attention_heads", "num_key_value_heads"):
+            heads = getattr(hf_config, name)
+            if heads % tp and not (name == "num_key_value_heads" and tp % heads == 0):
+                raise ValueError(f"tensor_parallel_size ({tp}) must divide {name} ({heads})")
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: object) -> Config:
+        """Build a Config, rejecting unknown keyword arguments with a TypeError that lists the valid ones."""
+        valid = sorted(f.name for f in fields(cls) if f.init and f.name != "model")
+        unknown = sorted(set(kwargs) - set(valid))
+        if unknown:
+            raise TypeError(f"unknown engine argument(s) {unknown}; valid arguments are {valid}")
+        return cls(model, **kwargs)

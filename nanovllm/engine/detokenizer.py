@@ -1,0 +1,41 @@
+"""Incremental detokenization that never splits a multi-byte character, and stop-string handling."""
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of completion token ids into text deltas.
+
+    Text is emitted only up to the last position where the decoded bytes form complete characters
+    (a trailing U+FFFD means a character is still incomplete), so the deltas concatenate to the
+    decoding of all tokens. Special tokens are skipped.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token_ids: list[int], final: bool = False) -> str:
+        """Append tokens; return the newly complete text (everything left when `final`)."""
+        self.token_ids.extend(token_ids)
+        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        new_text = self._decode(self.token_ids[self.prefix_offset :])
+        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
+            return ""
+        delta = new_text[len(prefix_text) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+        self.text += delta
+        return delta
+
+
+def find_stop(text: str, stops: list[str], search_from: int) -> int:
+    """Index of the earliest stop string in `text` starting at or after `search_from`, or -1."""
+    hits = [i for i in (text.find(s, max(0, search_from - len(s) + 1)) for s in stops) if i != -1]
+    return min(hits) if hits else -1

@@ -1,0 +1,333 @@
+"""Turns a scheduled batch into tensors, runs the model on one device (one TP rank), samples."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nanovllm.config import Config
+from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.attention import Attention, select_backend
+from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingTensors
+from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.utils.context import Context, reset_context, set_context
+from nanovllm.utils.loader import load_model
+from nanovllm.utils.parallel import tp_size
+
+logger = logging.getLogger("nanovllm")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class StepInputs:
+    """Host arrays for one forward pass: the whole message a TP worker needs (B seqs, N tokens, S sampled).
+
+    input_ids/positions int64 [N]; slot_mapping int32 [N]; cu_seqlens_q int32 [B+1];
+    seq_lens int32 [B]; block_tables int32 [B, W] padded with -1; logits_indices int64 [S].
+    """
+
+    input_ids: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    cu_seqlens_q: np.ndarray
+    seq_lens: np.ndarray
+    block_tables: np.ndarray
+    logits_indices: np.ndarray
+    max_seqlen_q: int
+    max_seqlen_k: int
+    is_decode: bool
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """What the runner resolved at start-up (Config stays as the user gave it)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    num_kvcache_blocks: int
+    attention_backend: str
+    cuda_graphs: bool
+
+
+def resolve_device(config: Config, rank: int) -> torch.device:
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' but torch.cuda.is_available() is False")
+        return torch.device("cuda", rank)
+    return torch.device("cpu")
+
+
+def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
+    if config.dtype != "auto":
+        return _DTYPES[config.dtype]
+    if device.type != "cuda":
+        return torch.float32
+    checkpoint = getattr(config.hf_config, "dtype", None) or getattr(config.hf_config, "torch_dtype", None) or "bfloat16"
+    return checkpoint if isinstance(checkpoint, torch.dtype) else _DTYPES[str(checkpoint).removeprefix("torch.")]
+
+
+class ModelRunner:
+    """Owns the model, the paged KV cache `[2, layers, blocks, block_size, kv_heads, head_dim]` and CUDA graphs."""
+
+    def __init__(self, config: Config, rank: int = 0) -> None:
+        self.config = config
+        self.rank = rank
+        self.block_size = config.kvcache_block_size
+        self.device = resolve_device(config, rank)
+        self.dtype = resolve_dtype(config, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        hf = config.hf_config
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with self.device:
+                self.model = Qwen3ForCausalLM(hf, config.max_model_len)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        load_model(self.model, config.model)
+        self.sampler = Sampler()
+        self.vocab_size = hf.vocab_size
+        self.max_blocks_per_seq = (config.max_model_len + self.block_size - 1) // self.block_size
+        self.backend = select_backend(config.attention_backend, self.device, self.block_size)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for layer in self.attention_layers:
+            layer.backend = self.backend
+        first = self.attention_layers[0]
+        self.kv_shape = (len(self.attention_layers), self.block_size, first.num_kv_heads, first.head_dim)
+        self.kv_cache = self._allocate_kv_cache(self._num_kv_blocks())
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self._capture_cuda_graphs()
+        self.info = RuntimeInfo(self.device, self.dtype, self.kv_cache.shape[2], self.backend.name, bool(self.graphs))
+
+    # ---- KV cache -------------------------------------------------------------------------
+
+    @property
+    def block_bytes(self) -> int:
+        layers, block_size, kv_heads, head_dim = self.kv_shape
+        return 2 * layers * block_size * kv_heads * head_dim * self.dtype.itemsize
+
+    def _allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
+        layers, block_size, kv_heads, head_dim = self.kv_shape
+        kv_cache = torch.empty(2, layers, num_blocks, block_size, kv_heads, head_dim, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.attention_layers):
+            layer.k_cache, layer.v_cache = kv_cache[0, i], kv_cache[1, i]
+        return kv_cache
+
+    def _num_kv_blocks(self) -> int:
+        """Blocks in the pool: the user's count, else a CPU memory budget, else nano-vLLM's GPU formula."""
+        config = self.config
+        if config.num_kvcache_blocks > 0:
+            num_blocks = config.num_kvcache_blocks
+        elif self.device.type != "cuda":
+            num_blocks = int(config.cpu_kvcache_space_gib * 2**30) // self.block_bytes
+        else:
+            num_blocks = self._profile_gpu_blocks()
+        if num_blocks < self.max_blocks_per_seq:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks of {self.block_size} tokens, fewer than the "
+                f"{self.max_blocks_per_seq} one max_model_len={config.max_model_len} request needs; "
+                "lower max_model_len or give the cache more memory"
+            )
+        return num_blocks
+
+    def _profile_gpu_blocks(self) -> int:
+        """Run the largest prefill against a temporary cache, then size the pool from what is left."""
+        config = self.config
+        num_seqs = max(1, min(config.max_num_batched_tokens // config.max_model_len, config.max_num_seqs))
+        seq_len = min(config.max_model_len, config.max_num_batched_tokens)
+        temp_blocks = num_seqs * ((seq_len + self.block_size - 1) // self.block_size)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self.kv_cache = self._allocate_kv_cache(temp_blocks)
+        self.execute(self._warmup_inputs(num_seqs, seq_len))
+        torch.cuda.synchronize()
+        self.kv_cache = self._allocate_kv_cache(0)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        stats = torch.cuda.memory_stats()
+        peak = stats["allocated_bytes.all.peak"] - temp_blocks * self.block_bytes
+        available = total * config.gpu_memory_utilization - (total - free) - peak + stats["allocated_bytes.all.current"]
+        num_blocks = torch.tensor([int(available) // self.block_bytes], device=self.device)
+        if tp_size() > 1:
+            torch.distributed.all_reduce(num_blocks, op=torch.distributed.ReduceOp.MIN)
+        return int(num_blocks.item())
+
+    def _warmup_inputs(self, num_seqs: int, seq_len: int) -> StepInputs:
+        blocks_per_seq = (seq_len + self.block_size - 1) // self.block_size
+        block_tables = np.arange(num_seqs * blocks_per_seq, dtype=np.int32).reshape(num_seqs, blocks_per_seq)
+        positions = np.tile(np.arange(seq_len, dtype=np.int64), num_seqs)
+        return StepInputs(
+            input_ids=np.zeros(num_seqs * seq_len, dtype=np.int64),
+            positions=positions,
+            slot_mapping=(np.repeat(np.arange(num_seqs), seq_len) * blocks_per_seq * self.block_size + positions).astype(np.int32),
+            cu_seqlens_q=np.arange(0, (num_seqs + 1) * seq_len, seq_len, dtype=np.int32),
+            seq_lens=np.full(num_seqs, seq_len, dtype=np.int32),
+            block_tables=block_tables,
+            logits_indices=np.arange(seq_len - 1, num_seqs * seq_len, seq_len, dtype=np.int64),
+            max_seqlen_q=seq_len,
+            max_seqlen_k=seq_len,
+            is_decode=False,
+        )
+
+    # ---- inputs ---------------------------------------------------------------------------
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        """Build the step's host arrays from sequence state (before `Scheduler.postprocess`)."""
+        bs = self.block_size
+        num_seqs = len(batch.seqs)
+        block_tables = np.full((num_seqs, max(len(s.block_table) for s in batch.seqs)), -1, dtype=np.int32)
+        for i, seq in enumerate(batch.seqs):
+            block_tables[i, : len(seq.block_table)] = seq.block_table
+        starts = np.fromiter((s.num_computed_tokens for s in batch.seqs), dtype=np.int64, count=num_seqs)
+        counts = np.asarray(batch.num_new_tokens, dtype=np.int64)
+        ends = starts + counts
+        cu_seqlens_q = np.zeros(num_seqs + 1, dtype=np.int32)
+        np.cumsum(counts, out=cu_seqlens_q[1:])
+        if batch.is_decode:
+            input_ids = np.fromiter((s.token_ids[e - 1] for s, e in zip(batch.seqs, ends.tolist())), dtype=np.int64, count=num_seqs)
+            positions = starts
+        else:
+            input_ids = np.concatenate([np.asarray(s.token_ids[b:e], dtype=np.int64) for s, b, e in zip(batch.seqs, starts.tolist(), ends.tolist())])
+            positions = np.concatenate([np.arange(b, e, dtype=np.int64) for b, e in zip(starts.tolist(), ends.tolist())])
+        seq_index = np.repeat(np.arange(num_seqs), counts)
+        slot_mapping = (block_tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs).astype(np.int32)
+        samples = np.fromiter((e == s.num_tokens for s, e in zip(batch.seqs, ends.tolist())), dtype=bool, count=num_seqs)
+        return StepInputs(
+            input_ids=input_ids,
+            positions=positions,
+            slot_mapping=slot_mapping,
+            cu_seqlens_q=cu_seqlens_q,
+            seq_lens=ends.astype(np.int32),
+            block_tables=block_tables,
+            logits_indices=(cu_seqlens_q[1:][samples] - 1).astype(np.int64),
+            max_seqlen_q=int(counts.max()),
+            max_seqlen_k=int(ends.max()),
+            is_decode=batch.is_decode,
+        )
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    def sampling_tensors(self, seqs: list[Sequence], eos_token_id: int | None) -> SamplingTensors:
+        """Per-row sampling parameters for the sequences that sample this step."""
+        params = [s.sampling_params for s in seqs]
+        device = self.device
+        temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        tensors = SamplingTensors(temperatures, all_greedy=all(p.temperature == 0 for p in params))
+        if any(p.top_k > 0 for p in params):
+            tensors.top_k = torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params], device=device)
+        if any(p.top_p < 1 for p in params):
+            tensors.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+        if any(p.min_p > 0 for p in params):
+            tensors.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
+        seeded = [i for i, p in enumerate(params) if p.seed is not None and p.temperature > 0]
+        if seeded:
+            tensors.seed_rows = torch.tensor(seeded, device=device)
+            tensors.seeds = torch.tensor([params[i].seed for i in seeded], dtype=torch.int64, device=device)
+            tensors.positions = torch.tensor([seqs[i].num_tokens for i in seeded], dtype=torch.int64, device=device)
+        banned = [
+            (row, token)
+            for row, (seq, p) in enumerate(zip(seqs, params))
+            if seq.num_completion_tokens < p.min_tokens
+            for token in ([] if p.ignore_eos or eos_token_id is None else [eos_token_id]) + p.stop_token_ids
+        ]
+        if banned:
+            tensors.banned = torch.tensor(banned, device=device).T
+        requested = [p.logprobs for p in params if p.logprobs is not None]
+        tensors.max_logprobs = max(requested) if requested else -1
+        return tensors
+
+    # ---- execution ------------------------------------------------------------------------
+
+    def execute(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Forward pass; returns logits [S, V] for the sampled rows on rank 0 (None on other ranks)."""
+        graph_bs = self._graph_batch_size(inputs)
+        if graph_bs:
+            hidden = self._replay(inputs, graph_bs)
+        else:
+            set_context(Context(
+                is_decode=inputs.is_decode,
+                cu_seqlens_q=self._to_device(inputs.cu_seqlens_q),
+                seq_lens=self._to_device(inputs.seq_lens),
+                slot_mapping=self._to_device(inputs.slot_mapping),
+                block_tables=self._to_device(inputs.block_tables),
+                max_seqlen_q=inputs.max_seqlen_q,
+                max_seqlen_k=inputs.max_seqlen_k,
+            ))
+            hidden = self.model(self._to_device(inputs.input_ids), self._to_device(inputs.positions))
+        reset_context()
+        return self.model.compute_logits(hidden, self._to_device(inputs.logits_indices))
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch, eos_token_id: int | None) -> tuple[list[int | None], SamplerOutput | None]:
+        """Run one step on rank 0: returns the token sampled for each sequence (None for partial chunks)
+        and the raw sampler output (for logprobs; rows are the sampling sequences in batch order)."""
+        inputs = self.prepare(batch)
+        logits = self.execute(inputs)
+        sampling_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
+        output = self.sampler(logits, self.sampling_tensors(sampling_seqs, eos_token_id))
+        token_ids = iter(output.token_ids.tolist())
+        sampled = [next(token_ids) if s.num_computed_tokens + n == s.num_tokens else None for s, n in zip(batch.seqs, batch.num_new_tokens)]
+        return sampled, output
+
+    # ---- CUDA graphs ------------------------------------------------------------------------
+
+    def _graph_batch_size(self, inputs: StepInputs) -> int:
+        if not self.graphs or not inputs.is_decode:
+            return 0
+        num_seqs = len(inputs.seq_lens)
+        return next((bs for bs in self.graph_sizes if bs >= num_seqs), 0)
+
+    @torch.inference_mode()
+    def _capture_cuda_graphs(self) -> None:
+        """Capture decode steps for batch sizes 1, 2, 4, 8, 16, 32, ... up to min(max_num_seqs, 512)."""
+        max_bs = min(self.config.max_num_seqs, 512)
+        self.graph_sizes = [bs for bs in (1, 2, 4, 8) if bs <= max_bs] + list(range(16, max_bs + 1, 16))
+        if self.graph_sizes[-1] != max_bs:
+            self.graph_sizes.append(max_bs)
+        device, width = self.device, self.max_blocks_per_seq
+        hidden_size = self.config.hf_config.hidden_size
+        self.graph_vars = {
+            "input_ids": torch.zeros(max_bs, dtype=torch.int64, device=device),
+            "positions": torch.zeros(max_bs, dtype=torch.int64, device=device),
+            "slot_mapping": torch.full((max_bs,), -1, dtype=torch.int32, device=device),
+            "seq_lens": torch.zeros(max_bs, dtype=torch.int32, device=device),
+            "block_tables": torch.zeros(max_bs, width, dtype=torch.int32, device=device),
+            "cu_seqlens_q": torch.arange(max_bs + 1, dtype=torch.int32, device=device),
+            "hidden": torch.zeros(max_bs, hidden_size, dtype=self.dtype, device=device),
+        }
+        v = self.graph_vars
+        pool = None
+        for bs in reversed(self.graph_sizes):
+            graph = torch.cuda.CUDAGraph()
+            set_context(Context(True, v["cu_seqlens_q"][: bs + 1], v["seq_lens"][:bs], v["slot_mapping"][:bs], v["block_tables"][:bs], 1, self.config.max_model_len))
+            v["hidden"][:bs] = self.model(v["input_ids"][:bs], v["positions"][:bs])
+            with torch.cuda.graph(graph, pool):
+                v["hidden"][:bs] = self.model(v["input_ids"][:bs], v["positions"][:bs])
+            pool = pool or graph.pool()
+            self.graphs[bs] = graph
+            torch.cuda.synchronize()
+        reset_context()
+
+    def _replay(self, inputs: StepInputs, graph_bs: int) -> torch.Tensor:
+        v = self.graph_vars
+        n = len(inputs.seq_lens)
+        v["input_ids"][:n] = self._to_device(inputs.input_ids)
+        v["positions"][:n] = self._to_device(inputs.positions)
+        v["slot_mapping"][n:graph_bs] = -1
+        v["slot_mapping"][:n] = self._to_device(inputs.slot_mapping)
+        v["seq_lens"][n:graph_bs] = 0
+        v["seq_lens"][:n] = self._to_device(inputs.seq_lens)
+        width = inputs.block_tables.shape[1]
+        v["block_tables"][:n, :width] = self._to_device(inputs.block_tables)
+        self.graphs[graph_bs].replay()
+        return v["hidden"][:n]

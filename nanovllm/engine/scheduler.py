@@ -1,0 +1,165 @@
+"""Which sequences run in the next step, and how many of their tokens."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from nanovllm.config import Config
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: sequence i computes `num_new_tokens[i]` tokens starting at its `num_computed_tokens`.
+
+    A sequence samples a token when this step reaches its last token. `is_decode` means every
+    sequence computes exactly one token (the shape CUDA graphs and the decode kernel serve).
+    """
+
+    seqs: list[Sequence]
+    num_new_tokens: list[int]
+
+    @property
+    def is_decode(self) -> bool:
+        return all(n == 1 for n in self.num_new_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class Scheduler:
+    """Continuous batching over waiting and running queues, with preemption by recompute.
+
+    `prefill_first` (nano-vLLM): a step either prefills whole prompts or decodes every running
+    sequence. `chunked` (vLLM v1): running sequences go first (one decode token, or the next chunk
+    of an unfinished prompt), then waiting prompts fill the rest of the token budget in chunks.
+    When blocks run out, the most recently admitted running sequence is preempted: its blocks
+    are freed and it waits at the head of the queue to be recomputed (its full blocks usually
+    still hit the prefix cache).
+    """
+
+    def __init__(self, config: Config, num_blocks: int, eos_token_id: int | None) -> None:
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_model_len = config.max_model_len
+        self.chunked = config.scheduling_policy == "chunked"
+        self.eos_token_id = eos_token_id
+        self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching)
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def is_finished(self) -> bool:
+        return not self.waiting and not self.running
+
+    def live_sequences(self) -> list[Sequence]:
+        return [*self.waiting, *self.running]
+
+    def schedule(self) -> ScheduledBatch:
+        """Pick the next step's batch. Precondition: `not is_finished()`."""
+        batch = ScheduledBatch([], [])
+        if self.chunked:
+            self._schedule_running(batch)
+            self._schedule_waiting(batch)
+        else:
+            self._schedule_waiting(batch)
+            if not batch.seqs:
+                self._schedule_running(batch)
+        if not batch.seqs:
+            raise RuntimeError("scheduler could not schedule any sequence (KV pool smaller than one request?)")
+        return batch
+
+    def _schedule_waiting(self, batch: ScheduledBatch) -> None:
+        budget = self.max_num_batched_tokens - batch.num_tokens
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(batch.seqs) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hit_ids, _ = bm.match_prefix(seq)
+            remaining = seq.num_tokens - len(hit_ids) * bm.block_size
+            if remaining > budget and not self.chunked:
+                break
+            num_new = min(remaining, budget)
+            if not bm.can_allocate(seq, num_new):
+                break
+            bm.allocate(seq, num_new)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+
+    def _schedule_running(self, batch: ScheduledBatch) -> None:
+        budget = self.max_num_batched_tokens - batch.num_tokens
+        bm = self.block_manager
+        i = 0
+        while i < len(self.running) and budget > 0 and len(batch.seqs) < self.max_num_seqs:
+            seq = self.running[i]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            while not bm.can_append(seq, num_new) and self.running[-1] is not seq:
+                self._preempt(self.running.pop())
+            if not bm.can_append(seq, num_new):
+                self._preempt(self.running.pop())
+                break
+            bm.may_append(seq, num_new)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+            i += 1
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
+        """Advance each sequence past the tokens it computed and append its sampled token.
+
+        `sampled[i]` is the token drawn for `batch.seqs[i]`, or None when the step did not reach
+        its last token (a partial prefill chunk). Returns the sequences that got a new token.
+        """
+        advanced = []
+        for seq, num_new, token_id in zip(batch.seqs, batch.num_new_tokens, sampled):
+            seq.num_computed_tokens += num_new
+            self.block_manager.commit_computed(seq)
+            if token_id is None:
+                continue
+            seq.token_ids.append(token_id)
+            advanced.append(seq)
+            reason = self._stop_reason(seq, token_id)
+            if reason is not None:
+                self.finish(seq, reason)
+        return advanced
+
+    def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
+        params = seq.sampling_params
+        if seq.num_completion_tokens >= params.min_tokens:
+            if not params.ignore_eos and token_id == self.eos_token_id:
+                return "stop"
+            if token_id in params.stop_token_ids:
+                return "stop"
+        if seq.num_completion_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def abort(self, seq: Sequence) -> None:
+        """Remove an unfinished sequence from whichever queue holds it and free its blocks."""
+        queue = self.running if seq.status == SequenceStatus.RUNNING else self.waiting
+        queue.remove(seq)
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "abort"
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a running sequence and free its blocks."""
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.block_manager.deallocate(seq)
+        self.running.remove(seq)

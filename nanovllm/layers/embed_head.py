@@ -1,0 +1,52 @@
+"""Vocabulary-parallel embedding and LM head (logits gathered on rank 0)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from nanovllm.utils.parallel import tp_rank, tp_size
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank holds a contiguous slice of the vocabulary rows; lookups are summed across ranks."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.tp_rank = tp_rank()
+        self.tp_size = tp_size()
+        if num_embeddings % self.tp_size:
+            raise ValueError(f"vocab size {num_embeddings} is not divisible by tensor_parallel_size {self.tp_size}")
+        self.num_embeddings = num_embeddings
+        self.shard_size = num_embeddings // self.tp_size
+        self.vocab_start = self.shard_size * self.tp_rank
+        self.weight = nn.Parameter(torch.empty(self.shard_size, embedding_dim), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        shard = loaded.narrow(0, self.vocab_start, self.shard_size)
+        if param.shape != shard.shape:
+            raise ValueError(f"embedding of shape {tuple(loaded.shape)} does not fit vocab {self.num_embeddings} x {param.shape[1]}")
+        param.data.copy_(shard)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(x, self.weight)
+        local = x - self.vocab_start
+        mask = (local >= 0) & (local < self.shard_size)
+        y = F.embedding(local.clamp(0, self.shard_size - 1), self.weight) * mask.unsqueeze(1)
+        dist.all_reduce(y)
+        return y
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Logits for the last new token of each sequence that samples this step."""
+
+    def forward(self, x: torch.Tensor, logits_indices: torch.Tensor) -> torch.Tensor | None:
+        logits = F.linear(x[logits_indices], self.weight)
+        if self.tp_size == 1:
+            return logits
+        parts = [torch.empty_like(logits) for _ in range(self.tp_size)] if self.tp_rank == 0 else None
+        dist.gather(logits, parts, 0)
+        return torch.cat(parts, -1) if self.tp_rank == 0 else None
