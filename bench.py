@@ -1,0 +1,199 @@
+"""Throughput benchmark: nano-vLLM's workload, with the hardware floor measured in the same run.
+
+Default workload (nano-vLLM's bench.py): seed 0, 256 sequences, prompt lengths and output lengths
+uniform in [100, 1024], random prompt token ids < 10000, temperature 0.6, ignore_eos, max_model_len 4096.
+Without --model it writes a random-weight checkpoint to a temp dir (qwen3-0.6b on CUDA, tiny on CPU).
+
+floor = (KV bytes read by all decode steps + weight bytes x decode steps) / measured copy bandwidth
+        + prefill FLOPs / measured matmul rate
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from random import randint, seed
+
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.testing import make_checkpoint
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+
+
+def make_workload(args: argparse.Namespace, vocab_size: int) -> Workload:
+    """nano-vLLM's draws (token ids in [0, 10000], capped below the vocabulary size of small models)."""
+    seed(0)
+    max_id = min(10000, vocab_size - 1)
+    prompts = [[randint(0, max_id) for _ in range(randint(args.min_input_len, args.max_input_len))] for _ in range(args.num_seqs)]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(args.min_output_len, args.max_output_len)) for _ in range(args.num_seqs)]
+    return Workload(prompts, params)
+
+
+def _timed(fn, device: torch.device, repeats: int) -> float:
+    """Mean seconds per call after one warm-up call."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def measure_copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read and written."""
+    numel = (1 << 30) // 2 if device.type == "cuda" else (1 << 26)
+    src = torch.empty(numel, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.nbytes / _timed(lambda: dst.copy_(src), device, 20)
+
+
+def measure_matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matrix product in the model's dtype."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / _timed(lambda: a @ b, device, 10)
+
+
+@dataclass
+class Floor:
+    kv_bytes: float
+    weight_bytes: float
+    prefill_flops: float
+    decode_steps: int
+
+    def seconds(self, bandwidth: float, matmul_rate: float) -> float:
+        return (self.kv_bytes + self.weight_bytes * self.decode_steps) / bandwidth + self.prefill_flops / matmul_rate
+
+
+def workload_floor(llm: LLM, workload: Workload, decode_steps: int) -> Floor:
+    """Bytes and FLOPs the workload cannot avoid (one rank's share under TP is not modelled: whole model)."""
+    hf = llm.config.hf_config
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    itemsize = llm.runtime.dtype.itemsize
+    kv_per_token = 2 * hf.num_hidden_layers * hf.num_key_value_heads * head_dim * itemsize
+    model = llm.model_runner.model
+    weight_bytes = sum(p.numel() for p in model.parameters()) * itemsize * llm.config.tensor_parallel_size
+    linear_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n) * llm.config.tensor_parallel_size
+    kv_tokens = 0
+    prefill_flops = 0.0
+    for prompt, params in zip(workload.prompts, workload.params):
+        p, t = len(prompt), params.max_tokens
+        kv_tokens += sum(p + j - 1 for j in range(2, t + 1))
+        attention = 4 * hf.num_hidden_layers * hf.num_attention_heads * head_dim * p * (p + 1) / 2
+        prefill_flops += 2 * linear_params * p + attention + 2 * hf.vocab_size * hf.hidden_size
+    return Floor(kv_tokens * kv_per_token, weight_bytes, prefill_flops, decode_steps)
+
+
+class StepProfiler:
+    """Counts decode steps; with `split_device_time`, also splits each decode step's wall time into
+    host work and time spent waiting for the device (adds one synchronisation per step)."""
+
+    def __init__(self, llm: LLM, split_device_time: bool) -> None:
+        self.records: list[tuple[float, float]] = []
+        self._wait = 0.0
+        self._step = llm.step
+        llm.step = self._timed_step
+        if split_device_time:
+            self._execute = llm.model_runner.execute
+            llm.model_runner.execute = self._timed_execute
+
+    def _timed_execute(self, inputs):
+        logits = self._execute(inputs)
+        start = time.perf_counter()
+        if logits is not None and logits.is_cuda:
+            torch.cuda.synchronize()
+        self._wait = time.perf_counter() - start
+        return logits
+
+    def _timed_step(self):
+        start = time.perf_counter()
+        chunks, num_prefill, num_decode = self._step()
+        if num_decode:
+            self.records.append((time.perf_counter() - start, self._wait))
+        return chunks, num_prefill, num_decode
+
+    def summary(self) -> dict:
+        n = len(self.records)
+        wall = sum(r[0] for r in self.records) / max(n, 1)
+        wait = sum(r[1] for r in self.records) / max(n, 1)
+        return {"step_ms": round(wall * 1e3, 3), "device_wait_ms": round(wait * 1e3, 3), "host_ms": round((wall - wait) * 1e3, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="HF Qwen3 folder (default: build a random-weight checkpoint)")
+    parser.add_argument("--preset", choices=["tiny", "qwen3-0.6b"], help="checkpoint preset when --model is absent")
+    parser.add_argument("--num-seqs", type=int, default=256)
+    parser.add_argument("--min-input-len", type=int, default=100)
+    parser.add_argument("--max-input-len", type=int, default=1024)
+    parser.add_argument("--min-output-len", type=int, default=100)
+    parser.add_argument("--max-output-len", type=int, default=1024)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--scheduling-policy", default="prefill_first")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--profile", action="store_true", help="split decode steps into host and device-wait time")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+
+    on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    model, scratch = args.model, None
+    if model is None:
+        preset = args.preset or ("qwen3-0.6b" if on_cuda else "tiny")
+        scratch = tempfile.TemporaryDirectory(prefix="nanovllm-bench-")
+        model = str(make_checkpoint(scratch.name, preset))
+        print(f"no --model: built a random-weight {preset} checkpoint in {model}")
+    llm = LLM(model, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len, tensor_parallel_size=args.tp,
+              attention_backend=args.attention_backend, scheduling_policy=args.scheduling_policy, device=args.device)
+    workload = make_workload(args, llm.config.hf_config.vocab_size)
+    llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
+    profiler = StepProfiler(llm, args.profile)
+    start = time.perf_counter()
+    llm.generate(workload.prompts, workload.params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    decode_steps = len(profiler.records)
+    total_tokens = sum(p.max_tokens for p in workload.params)
+    device = llm.runtime.device
+    bandwidth = measure_copy_bandwidth(device)
+    matmul_rate = measure_matmul_rate(device, llm.runtime.dtype)
+    floor = workload_floor(llm, workload, decode_steps)
+    floor_s = floor.seconds(bandwidth, matmul_rate)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    figures = {
+        "device": name, "backend": llm.runtime.attention_backend, "cuda_graphs": llm.runtime.cuda_graphs,
+        "kv_blocks": llm.runtime.num_kvcache_blocks, "total_tokens": total_tokens, "seconds": round(elapsed, 3),
+        "tok_per_s": round(total_tokens / elapsed, 1), "floor_s": round(floor_s, 3), "pct_of_floor": round(100 * floor_s / elapsed, 1),
+        "achieved_GBps": round((floor.kv_bytes + floor.weight_bytes * decode_steps) / elapsed / 1e9, 1),
+        "copy_GBps": round(bandwidth / 1e9, 1), "matmul_TFLOPs": round(matmul_rate / 1e12, 1), "decode_steps": decode_steps,
+        "preemptions": llm.scheduler.num_preemptions,
+    }
+    if args.profile:
+        figures.update(profiler.summary())
+    print(f"Total: {total_tokens}tok, Time: {elapsed:.2f}s, Throughput: {total_tokens / elapsed:.2f}tok/s")
+    print(f"Floor: {floor_s:.2f}s ({figures['pct_of_floor']}% of floor), achieved {figures['achieved_GBps']} GB/s "
+          f"of {figures['copy_GBps']} GB/s copy bandwidth, matmul {figures['matmul_TFLOPs']} TFLOP/s")
+    print(json.dumps(figures))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=1)
+    llm.exit()
+    if scratch is not None:
+        scratch.cleanup()
+
+
+if __name__ == "__main__":
+    main()
