@@ -1,6 +1,7 @@
 """Engine configuration: validated once at construction, never mutated afterwards."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 
@@ -18,6 +19,11 @@ def _require_int(name: str, value: object, low: int, high: int | None = None) ->
     if value < low or (high is not None and value > high):
         limit = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be {limit}, got {value}")
+
+
+def _is_number(value: object) -> bool:
+    """An int or float, but not a bool (NaN passes here; range checks written as `not low < x` reject it)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _require_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -65,10 +71,10 @@ class Config:
         _require_int("num_kvcache_blocks", self.num_kvcache_blocks, -1)
         if self.num_kvcache_blocks == 0:
             raise ValueError("num_kvcache_blocks must be -1 (size from memory) or >= 1, got 0")
-        if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
+        if not _is_number(self.gpu_memory_utilization) or not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        if not isinstance(self.cpu_kvcache_space_gib, (int, float)) or self.cpu_kvcache_space_gib <= 0:
-            raise ValueError(f"cpu_kvcache_space_gib must be > 0, got {self.cpu_kvcache_space_gib!r}")
+        if not _is_number(self.cpu_kvcache_space_gib) or not 0 < self.cpu_kvcache_space_gib < math.inf:
+            raise ValueError(f"cpu_kvcache_space_gib must be a finite number > 0, got {self.cpu_kvcache_space_gib!r}")
         for name in ("enforce_eager", "enable_prefix_caching"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -87,10 +93,11 @@ class Config:
         if max_positions is not None and self.max_model_len > max_positions:
             raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's max_position_embeddings ({max_positions})")
         tp = self.tensor_parallel_size
-        for name in ("num_attention_heads", "num_key_value_heads"):
-            heads = getattr(hf_config, name)
-            if heads % tp and not (name == "num_key_value_heads" and tp % heads == 0):
-                raise ValueError(f"tensor_parallel_size ({tp}) must divide {name} ({heads})")
+        for name in ("num_attention_heads", "num_key_value_heads", "vocab_size", "intermediate_size"):
+            size = getattr(hf_config, name)
+            # With fewer KV heads than ranks, each KV head is replicated on tp / num_key_value_heads ranks.
+            if size % tp and not (name == "num_key_value_heads" and tp % size == 0):
+                raise ValueError(f"tensor_parallel_size ({tp}) must divide {name} ({size})")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: object) -> Config:

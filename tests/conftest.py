@@ -9,6 +9,9 @@ import torch
 from nanovllm import LLM
 from nanovllm.testing import make_checkpoint
 
+# One intra-op thread: the CPU box has 2 cores and TP tests run 2 processes; oversubscription makes torch ~100x slower.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from nanovllm.config import Config
+from nanovllm.engine.rpc import Call, CommandReader, WorkerEnd, Workers
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention, select_backend
@@ -15,7 +18,7 @@ from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingTensors
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.context import Context, reset_context, set_context
 from nanovllm.utils.loader import load_model
-from nanovllm.utils.parallel import tp_size
+from nanovllm.utils.parallel import TPGroup, building_with, create_store
 
 logger = logging.getLogger("nanovllm")
 
@@ -57,6 +60,8 @@ def resolve_device(config: Config, rank: int) -> torch.device:
     if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ValueError("device='cuda' but torch.cuda.is_available() is False")
+        if config.tensor_parallel_size > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} needs as many GPUs, found {torch.cuda.device_count()}")
         return torch.device("cuda", rank)
     return torch.device("cpu")
 
@@ -71,21 +76,27 @@ def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    """Owns the model, the paged KV cache `[2, layers, blocks, block_size, kv_heads, head_dim]` and CUDA graphs."""
+    """Owns the model, the paged KV cache `[2, layers, blocks, block_size, kv_heads, head_dim]` and CUDA graphs.
 
-    def __init__(self, config: Config, rank: int = 0) -> None:
+    With tensor parallelism every rank has one, joined by `store`; rank 0's also gets the `workers`
+    (ranks 1..N-1, other processes) and starts each step on them before running it itself.
+    """
+
+    def __init__(self, config: Config, rank: int = 0, store: torch.distributed.Store | None = None, workers: Workers | None = None) -> None:
         self.config = config
         self.rank = rank
+        self.workers = workers
         self.block_size = config.kvcache_block_size
         self.device = resolve_device(config, rank)
         self.dtype = resolve_dtype(config, self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        self.group = TPGroup() if store is None else TPGroup.join(store, rank, config.tensor_parallel_size, self.device)
         hf = config.hf_config
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
-            with self.device:
+            with self.device, building_with(self.group):
                 self.model = Qwen3ForCausalLM(hf, config.max_model_len)
         finally:
             torch.set_default_dtype(default_dtype)
@@ -154,8 +165,8 @@ class ModelRunner:
         peak = stats["allocated_bytes.all.peak"] - temp_blocks * self.block_bytes
         available = total * config.gpu_memory_utilization - (total - free) - peak + stats["allocated_bytes.all.current"]
         num_blocks = torch.tensor([int(available) // self.block_bytes], device=self.device)
-        if tp_size() > 1:
-            torch.distributed.all_reduce(num_blocks, op=torch.distributed.ReduceOp.MIN)
+        if self.group.size > 1:
+            self.group.all_reduce(num_blocks, op=torch.distributed.ReduceOp.MIN)
         return int(num_blocks.item())
 
     def _warmup_inputs(self, num_seqs: int, seq_len: int) -> StepInputs:
@@ -218,22 +229,24 @@ class ModelRunner:
         return tensor
 
     def sampling_tensors(self, seqs: list[Sequence], eos_token_id: int | None) -> SamplingTensors:
-        """Per-row sampling parameters for the sequences that sample this step."""
+        """Per-row sampling parameters for the sequences that sample this step (filters only where some row uses them)."""
         params = [s.sampling_params for s in seqs]
         device = self.device
-        temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
-        tensors = SamplingTensors(temperatures, all_greedy=all(p.temperature == 0 for p in params))
-        if any(p.top_k > 0 for p in params):
-            tensors.top_k = torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params], device=device)
-        if any(p.top_p < 1 for p in params):
-            tensors.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-        if any(p.min_p > 0 for p in params):
-            tensors.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
-        seeded = [i for i, p in enumerate(params) if p.seed is not None and p.temperature > 0]
-        if seeded:
-            tensors.seed_rows = torch.tensor(seeded, device=device)
-            tensors.seeds = torch.tensor([params[i].seed for i in seeded], dtype=torch.int64, device=device)
-            tensors.positions = torch.tensor([seqs[i].num_tokens for i in seeded], dtype=torch.int64, device=device)
+        temperatures = torch.tensor([0.0 if p.greedy else p.temperature for p in params], dtype=torch.float32, device=device)
+        tensors = SamplingTensors(temperatures, all_greedy=all(p.greedy for p in params))
+        if not tensors.all_greedy:
+            if any(p.top_k > 0 for p in params):
+                tensors.top_k = torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params], device=device)
+            if any(p.top_p < 1 for p in params):
+                tensors.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+            if any(p.min_p > 0 for p in params):
+                tensors.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
+            seeded = [i for i, p in enumerate(params) if p.seed is not None and not p.greedy]
+            if seeded:
+                tensors.seed_rows = torch.tensor(seeded, device=device)
+                tensors.seeds = torch.tensor([params[i].seed for i in seeded], dtype=torch.int64, device=device)
+                tensors.positions = torch.tensor([seqs[i].num_tokens for i in seeded], dtype=torch.int64, device=device)
+        # Below min_tokens, EOS and the stop tokens cannot be sampled.
         banned = [
             (row, token)
             for row, (seq, p) in enumerate(zip(seqs, params))
@@ -241,7 +254,7 @@ class ModelRunner:
             for token in ([] if p.ignore_eos or eos_token_id is None else [eos_token_id]) + p.stop_token_ids
         ]
         if banned:
-            tensors.banned = torch.tensor(banned, device=device).T
+            tensors.banned = torch.tensor(banned, dtype=torch.int64, device=device).T
         requested = [p.logprobs for p in params if p.logprobs is not None]
         tensors.max_logprobs = max(requested) if requested else -1
         return tensors
@@ -272,12 +285,28 @@ class ModelRunner:
         """Run one step on rank 0: returns the token sampled for each sequence (None for partial chunks)
         and the raw sampler output (for logprobs; rows are the sampling sequences in batch order)."""
         inputs = self.prepare(batch)
-        logits = self.execute(inputs)
+        logits = self._execute_on_all_ranks(inputs)
         sampling_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
         output = self.sampler(logits, self.sampling_tensors(sampling_seqs, eos_token_id))
         token_ids = iter(output.token_ids.tolist())
         sampled = [next(token_ids) if s.num_computed_tokens + n == s.num_tokens else None for s, n in zip(batch.seqs, batch.num_new_tokens)]
         return sampled, output
+
+    def _execute_on_all_ranks(self, inputs: StepInputs) -> torch.Tensor:
+        """Rank 0: start the step on the tensor-parallel workers, then run it here."""
+        if self.workers is None:
+            return self.execute(inputs)
+        self.workers.call("execute", inputs)
+        try:
+            return self.execute(inputs)
+        except BaseException as exc:
+            # The workers may be blocked in a collective this rank never reached: they cannot be brought back in step.
+            self.workers.abort(f"rank 0 failed during a tensor-parallel step ({exc!r})")
+            raise
+
+    def close(self) -> None:
+        """Release this rank's process group (its connections and, on rank 0, the store's port)."""
+        self.group.close()
 
     # ---- CUDA graphs ------------------------------------------------------------------------
 
@@ -331,3 +360,22 @@ class ModelRunner:
         v["block_tables"][:n, :width] = self._to_device(inputs.block_tables)
         self.graphs[graph_bs].replay()
         return v["hidden"][:n]
+
+
+def run_worker(config: Config, port: int, rank: int, end: WorkerEnd) -> None:
+    """Main function of tensor-parallel rank `rank` (a spawned process): build this rank's
+    ModelRunner, report ready, then run rank 0's commands until `Shutdown` or rank 0 is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every process of the terminal; rank 0 handles it
+    if resolve_device(config, rank).type == "cpu":
+        # The ranks share the host's cores; more threads would spin against each other.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
+    channel = CommandReader(end)
+    runner = ModelRunner(config, rank, create_store(config.tensor_parallel_size, port))
+    try:
+        channel.acknowledge()
+        with torch.inference_mode():
+            while isinstance(command := channel.receive(), Call):
+                getattr(runner, command.method)(*command.args)
+    finally:
+        runner.close()
+        channel.close()

@@ -77,7 +77,10 @@ class Scheduler:
     def _schedule_waiting(self, batch: ScheduledBatch) -> None:
         budget = self.max_num_batched_tokens - batch.num_tokens
         bm = self.block_manager
-        while self.waiting and budget > 0 and len(batch.seqs) < self.max_num_seqs:
+        # Cap the running set, not just this batch: a prefill_first decode step must be able to run
+        # every running sequence (at most max_num_seqs, one token each within the token budget).
+        max_running = min(self.max_num_seqs, self.max_num_batched_tokens)
+        while self.waiting and budget > 0 and len(self.running) < max_running:
             seq = self.waiting[0]
             hit_ids, _ = bm.match_prefix(seq)
             remaining = seq.num_tokens - len(hit_ids) * bm.block_size
@@ -139,8 +142,9 @@ class Scheduler:
         return advanced
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
+        """Why `seq` ends after `token_id`: EOS or a stop token past min_tokens ("stop"), max_tokens or max_model_len ("length")."""
         params = seq.sampling_params
-        if seq.num_completion_tokens >= params.min_tokens:
+        if seq.num_completion_tokens > params.min_tokens:
             if not params.ignore_eos and token_id == self.eos_token_id:
                 return "stop"
             if token_id in params.stop_token_ids:

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.utils.parallel import tp_rank, tp_size
+from nanovllm.utils.parallel import tp_group
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -14,8 +13,9 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
         super().__init__()
-        self.tp_rank = tp_rank()
-        self.tp_size = tp_size()
+        self.group = tp_group()
+        self.tp_rank = self.group.rank
+        self.tp_size = self.group.size
         if num_embeddings % self.tp_size:
             raise ValueError(f"vocab size {num_embeddings} is not divisible by tensor_parallel_size {self.tp_size}")
         self.num_embeddings = num_embeddings
@@ -36,7 +36,7 @@ class VocabParallelEmbedding(nn.Module):
         local = x - self.vocab_start
         mask = (local >= 0) & (local < self.shard_size)
         y = F.embedding(local.clamp(0, self.shard_size - 1), self.weight) * mask.unsqueeze(1)
-        dist.all_reduce(y)
+        self.group.all_reduce(y)
         return y
 
 
@@ -47,6 +47,4 @@ class ParallelLMHead(VocabParallelEmbedding):
         logits = F.linear(x[logits_indices], self.weight)
         if self.tp_size == 1:
             return logits
-        parts = [torch.empty_like(logits) for _ in range(self.tp_size)] if self.tp_rank == 0 else None
-        dist.gather(logits, parts, 0)
-        return torch.cat(parts, -1) if self.tp_rank == 0 else None
+        return self.group.gather(logits)

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.utils.parallel import tp_rank, tp_size
+from nanovllm.utils.parallel import tp_group, tp_size
 
 
 class LinearBase(nn.Module):
@@ -15,8 +14,9 @@ class LinearBase(nn.Module):
     def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None) -> None:
         super().__init__()
         self.tp_dim = tp_dim
-        self.tp_rank = tp_rank()
-        self.tp_size = tp_size()
+        self.group = tp_group()
+        self.tp_rank = self.group.rank
+        self.tp_size = self.group.size
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         if bias:
@@ -106,5 +106,5 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         if self.tp_size > 1:
-            dist.all_reduce(y)
+            self.group.all_reduce(y)
         return y

@@ -1,6 +1,6 @@
 """Batched sampling: per-row temperature, top-k, top-p, min-p, seeds, banned tokens and logprobs.
 
-All rows are processed together on the device; greedy rows take the exact argmax of the raw
+All rows are processed together on the device; greedy rows take the exact argmax of the
 logits. Random rows use the exponential race (argmax of p / E, E ~ Exp(1)), which draws from p.
 Rows with a seed take E from a counter-based hash of (seed, position, token id), so their draws
 do not depend on what else is in the batch.
@@ -19,8 +19,10 @@ _MASK32 = 0xFFFFFFFF
 class SamplingTensors:
     """Per-row parameters on the logits' device (B rows). Host flags skip unused work.
 
-    temperatures [B] (0 = greedy), top_k [B] int64 (vocab size = off), top_p [B], min_p [B],
-    seeds [S] and seed_rows [S] / positions [S] for seeded rows, banned [2, K] (row, token) pairs.
+    temperatures [B] (0 = greedy), top_k [B] int64 (vocab size = off), top_p [B] (1 = off),
+    min_p [B] (0 = off); seeded rows: seed_rows [S], their seeds [S] and the positions [S] of the
+    tokens they sample; banned [2, K] (row, token id) pairs whose logits become -inf.
+    max_logprobs: -1 = no logprobs, else the number of top tokens to return.
     """
 
     temperatures: torch.Tensor
@@ -45,53 +47,63 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None = None
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (lowbias32) on int64 tensors holding values < 2**32."""
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """(x * constant) mod 2**32 for int64 x < 2**32, without overflowing int64."""
+    low = x * (constant & 0xFFFF)
+    high = ((x * (constant >> 16)) & 0xFFFF) << 16
+    return (low + high) & _MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """The lowbias32 integer hash, on int64 tensors holding values < 2**32."""
     x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
+    x = _mul32(x, 0x7FEB352D)
     x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK32
+    x = _mul32(x, 0x846CA68B)
     return x ^ (x >> 16)
 
 
 def seeded_exponentials(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Exp(1) noise [S, V] determined by (seed, position, token id) alone."""
-    row = _mix32(_mix32(seeds & _MASK32) ^ (seeds >> 32))
-    row = _mix32((row + positions * 0x9E3779B9) & _MASK32)
-    token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    bits = _mix32(row[:, None] ^ ((token * 0x85EBCA6B) & _MASK32)[None, :])
+    """Exp(1) noise [S, V] that depends only on (seed, position, token id). seeds, positions: int64 [S]."""
+    row = mix32(mix32(seeds & _MASK32) ^ (seeds >> 32))
+    row = mix32((row + _mul32(positions & _MASK32, 0x9E3779B9)) & _MASK32)
+    token = _mul32(torch.arange(vocab_size, device=seeds.device, dtype=torch.int64), 0x85EBCA6B)
+    bits = mix32(row[:, None] ^ token[None, :])
     uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
     return -torch.log(uniform)
 
 
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, params: SamplingTensors) -> SamplerOutput:
-        """logits [B, V] (any float dtype) -> sampled token ids [B] and optional logprobs."""
+        """logits [B, V] (any float dtype) -> sampled token ids [B] and, if asked, raw-logit logprobs."""
         logits = logits.float()
+        logprobs = logits.log_softmax(-1) if params.max_logprobs >= 0 else None
         if params.banned is not None:
-            logits[params.banned[0], params.banned[1]] = float("-inf")
+            logits = logits.index_put((params.banned[0], params.banned[1]), logits.new_tensor(float("-inf")))
         greedy = logits.argmax(-1)
         if params.all_greedy:
             token_ids = greedy
         else:
             temperatures = params.temperatures
             scaled = logits / torch.where(temperatures > 0, temperatures, 1.0).unsqueeze(1)
-            scaled = self._filter(scaled, params)
-            probs = scaled.softmax(-1)
+            probs = self._filter(scaled, params).softmax(-1)
             noise = torch.empty_like(probs).exponential_()
             if params.seeds is not None:
                 noise[params.seed_rows] = seeded_exponentials(params.seeds, params.positions, probs.shape[1])
-            sampled = (probs / noise).argmax(-1)
+            # A zero draw would turn a masked token's 0 / 0 into NaN, which argmax would pick.
+            sampled = (probs / noise.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(-1)
             token_ids = torch.where(temperatures > 0, sampled, greedy)
-        if params.max_logprobs < 0:
+        if logprobs is None:
             return SamplerOutput(token_ids)
-        logprobs = logits.log_softmax(-1)
-        top_logprobs, top_ids = logprobs.topk(params.max_logprobs, -1) if params.max_logprobs else (None, None)
-        return SamplerOutput(token_ids, logprobs.gather(1, token_ids[:, None]).squeeze(1), top_ids, top_logprobs)
+        sampled_logprobs = logprobs.gather(1, token_ids[:, None]).squeeze(1)
+        if params.max_logprobs == 0:
+            return SamplerOutput(token_ids, sampled_logprobs)
+        top_logprobs, top_ids = logprobs.topk(params.max_logprobs, -1)
+        return SamplerOutput(token_ids, sampled_logprobs, top_ids, top_logprobs)
 
     @staticmethod
     def _filter(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-        """Mask tokens outside top-k, the top-p nucleus, or below min_p times the top probability."""
+        """Mask tokens below min_p times the top probability, outside the top k, or outside the top-p nucleus."""
         if params.min_p is not None:
             probs = logits.softmax(-1)
             threshold = params.min_p.unsqueeze(1) * probs.max(-1, keepdim=True).values
@@ -106,5 +118,7 @@ class Sampler(nn.Module):
         if params.top_p is not None:
             sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
             mass_before = sorted_probs.cumsum(-1) - sorted_probs
-            drop |= mass_before >= params.top_p.unsqueeze(1)
+            top_p = params.top_p.unsqueeze(1)
+            # Rows with top_p = 1 keep everything, even where rounding lets the running sum pass 1.
+            drop |= (mass_before >= top_p) & (top_p < 1)
         return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))

@@ -39,7 +39,8 @@ def load_model(model: nn.Module, path: str) -> None:
     """Copy every tensor of `path/*.safetensors` into `model`.
 
     Raises FileNotFoundError when there are no shards, and ValueError naming the tensor when a
-    checkpoint tensor has no parameter or a parameter (or shard of a packed one) is never filled.
+    checkpoint tensor has no parameter or does not fit it, or a parameter (or shard of a packed
+    one) is never filled.
     A checkpoint's `lm_head.weight` is ignored when the model ties it to the embedding.
     """
     files = sorted(glob(os.path.join(path, "*.safetensors")))
@@ -60,10 +61,13 @@ def load_model(model: nn.Module, path: str) -> None:
                     raise ValueError(f"unexpected tensor {name!r} in {file!r}: the model has no parameter {target!r}")
                 weight_loader = getattr(param, "weight_loader", default_weight_loader)
                 tensor = f.get_tensor(name)
-                if shard_id is None:
-                    weight_loader(param, tensor)
-                else:
-                    weight_loader(param, tensor, shard_id)
+                try:
+                    if shard_id is None:
+                        weight_loader(param, tensor)
+                    else:
+                        weight_loader(param, tensor, shard_id)
+                except (ValueError, RuntimeError) as e:  # RuntimeError: narrowing a tensor that is too small
+                    raise ValueError(f"tensor {name!r} of shape {tuple(tensor.shape)} in {file!r} does not fit parameter {target!r}: {e}") from e
                 loaded.add((target, shard_id))
     missing = sorted(f"{name}" + (f" (shard {shard!r})" if shard is not None else "") for name, shard in _expected_parts(model) - loaded)
     if missing:

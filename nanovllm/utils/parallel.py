@@ -1,12 +1,98 @@
-"""Tensor-parallel rank and world size (1 process when torch.distributed is not initialised)."""
+"""Tensor-parallel groups: one per engine, so that two engines can live in one process.
+
+torch.distributed has a single default process group per process, which rank 0 (the user's
+process) cannot share between two engines. Each engine therefore builds its own backend
+(gloo on CPU, NCCL on CUDA) from its own TCPStore, and calls the backend directly. Layers
+capture the group that is current while the model is built (`building_with`).
+"""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import torch
 import torch.distributed as dist
 
+if TYPE_CHECKING:
+    from torch._C._distributed_c10d import Backend
 
-def tp_rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+HOST = "127.0.0.1"
+# Store connection and collective timeout. Dead workers are normally noticed much sooner,
+# by the liveness checks of `nanovllm.engine.rpc.Workers`.
+TIMEOUT = timedelta(seconds=60)
+
+
+def create_store(size: int, port: int = 0) -> dist.TCPStore:
+    """The rendezvous of one engine: rank 0 serves it on `port` (0: a free port, see `.port`), workers connect."""
+    return dist.TCPStore(HOST, port, size, is_master=port == 0, timeout=TIMEOUT, wait_for_workers=False)
+
+
+class TPGroup:
+    """The ranks of one engine and the backend joining them; `size == 1` needs no backend."""
+
+    def __init__(self, rank: int = 0, size: int = 1, backend: Backend | None = None) -> None:
+        self.rank = rank
+        self.size = size
+        self.backend = backend
+
+    @classmethod
+    def join(cls, store: dist.Store, rank: int, size: int, device: torch.device) -> TPGroup:
+        """Connect to the other ranks; gloo blocks until all have joined, NCCL connects at its first collective."""
+        if device.type == "cuda":
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = TIMEOUT
+            backend = dist.ProcessGroupNCCL(store, rank, size, options)
+        else:
+            backend = dist.ProcessGroupGloo(store, rank, size, TIMEOUT)
+        return cls(rank, size, backend)
+
+    def _live_backend(self) -> Backend:
+        if self.backend is None:
+            raise RuntimeError("the tensor-parallel process group has been shut down")
+        return self.backend
+
+    def all_reduce(self, x: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
+        """Reduce `x` in place across the ranks."""
+        options = dist.AllreduceOptions()
+        options.reduceOp = op
+        options.asyncOp = False
+        self._live_backend().allreduce([x], options).wait()
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Every rank's `x` concatenated along the last dim on rank 0; None on the other ranks."""
+        options = dist.GatherOptions()
+        options.rootRank = 0
+        options.asyncOp = False
+        parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else []
+        self._live_backend().gather([parts] if self.rank == 0 else [], [x], options).wait()
+        return torch.cat(parts, -1) if self.rank == 0 else None
+
+    def close(self) -> None:
+        """Shut the backend down: its connections, and with them the store and its port, are released. Idempotent."""
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            backend.shutdown()
+
+
+_current: ContextVar[TPGroup] = ContextVar("tp_group", default=TPGroup())
+
+
+@contextmanager
+def building_with(group: TPGroup) -> Iterator[None]:
+    """Make `group` the one that layers built inside this block capture."""
+    token = _current.set(group)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def tp_group() -> TPGroup:
+    return _current.get()
 
 
 def tp_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return _current.get().size
