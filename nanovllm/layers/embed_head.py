@@ -25,10 +25,9 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        shard = loaded.narrow(0, self.vocab_start, self.shard_size)
-        if param.shape != shard.shape:
+        if loaded.shape != (self.num_embeddings, param.shape[1]):
             raise ValueError(f"embedding of shape {tuple(loaded.shape)} does not fit vocab {self.num_embeddings} x {param.shape[1]}")
-        param.data.copy_(shard)
+        param.data.copy_(loaded.narrow(0, self.vocab_start, self.shard_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:

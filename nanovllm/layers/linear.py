@@ -28,11 +28,18 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         if self.tp_dim is not None and param.dim() > self.tp_dim:
             size = param.size(self.tp_dim)
-            loaded = loaded.narrow(self.tp_dim, self.tp_rank * size, size)
+            loaded = take_shard(loaded, self.tp_dim, self.tp_rank, size, size * self.tp_size)
         _copy_checked(param.data, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+def take_shard(loaded: torch.Tensor, dim: int, index: int, size: int, total: int) -> torch.Tensor:
+    """Slice `index` (of length `size`) along `dim` of a checkpoint tensor that must be `total` long there."""
+    if loaded.size(dim) != total:
+        raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} has {loaded.size(dim)} rows/columns along dim {dim}, expected {total}")
+    return loaded.narrow(dim, index * size, size)
 
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -66,7 +73,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
-        shard = loaded.narrow(0, self.tp_rank * size, size)
+        shard = take_shard(loaded, 0, self.tp_rank, size, self.output_sizes[shard_id])
         _copy_checked(param.data.narrow(0, offset, size), shard)
 
 
@@ -76,6 +83,8 @@ class QKVParallelLinear(ColumnParallelLinear):
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False) -> None:
         world = tp_size()
         self.head_dim = head_dim
+        self.total_num_heads = num_heads
+        self.total_num_kv_heads = num_kv_heads
         self.num_heads = num_heads // world
         self.num_kv_heads = max(1, num_kv_heads // world)
         self.kv_replicas = max(1, world // num_kv_heads)
@@ -86,11 +95,11 @@ class QKVParallelLinear(ColumnParallelLinear):
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         if shard_id == "q":
-            offset, size, index = 0, q_size, self.tp_rank
+            offset, size, index, total_heads = 0, q_size, self.tp_rank, self.total_num_heads
         else:
             offset = q_size if shard_id == "k" else q_size + kv_size
-            size, index = kv_size, self.tp_rank // self.kv_replicas
-        shard = loaded.narrow(0, index * size, size)
+            size, index, total_heads = kv_size, self.tp_rank // self.kv_replicas, self.total_num_kv_heads
+        shard = take_shard(loaded, 0, index, size, total_heads * self.head_dim)
         _copy_checked(param.data.narrow(0, offset, size), shard)
 
 
