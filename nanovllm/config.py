@@ -54,6 +54,7 @@ class Config:
     cpu_kvcache_space_gib: float = 4.0
     enable_prefix_caching: bool = True
     scheduling_policy: str = "prefill_first"
+    overlap_scheduling: bool | None = None
     hf_config: PretrainedConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -75,6 +76,8 @@ class Config:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if not _is_number(self.cpu_kvcache_space_gib) or not 0 < self.cpu_kvcache_space_gib < math.inf:
             raise ValueError(f"cpu_kvcache_space_gib must be a finite number > 0, got {self.cpu_kvcache_space_gib!r}")
+        if self.overlap_scheduling is not None and not isinstance(self.overlap_scheduling, bool):
+            raise TypeError(f"overlap_scheduling must be None (on for CUDA, off for CPU) or a bool, got {self.overlap_scheduling!r}")
         for name in ("enforce_eager", "enable_prefix_caching"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -37,7 +37,7 @@ class FakeModel:
     """
 
     def __init__(self, num_blocks: int) -> None:
-        self.runner = SimpleNamespace(block_size=BS)
+        self.runner = SimpleNamespace(block_size=BS, share_sampled=False)
         self.kv_tokens = np.full(num_blocks * BS, -1, dtype=np.int64)
         self.kv_positions = np.full(num_blocks * BS, -1, dtype=np.int64)
 

@@ -12,9 +12,9 @@ from transformers import AutoTokenizer
 
 from nanovllm.config import Config
 from nanovllm.engine.detokenizer import IncrementalDetokenizer, find_stop
-from nanovllm.engine.model_runner import ModelRunner, run_worker
+from nanovllm.engine.model_runner import ModelRunner, StepHandle, run_worker
 from nanovllm.engine.rpc import Workers
-from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampler import SamplerOutput
 from nanovllm.sampling_params import SamplingParams
@@ -72,6 +72,7 @@ class LLMEngine:
         self.runtime = self.model_runner.info
         self.scheduler = Scheduler(self.config, self.runtime.num_kvcache_blocks, self.eos_token_id)
         self.requests: dict[int, Request] = {}
+        self._in_flight: tuple[ScheduledBatch, StepHandle] | None = None
         self._closed = False
 
     def _start_model_runners(self) -> ModelRunner:
@@ -174,14 +175,34 @@ class LLMEngine:
     # ---- the step loop --------------------------------------------------------------------
 
     def step(self) -> tuple[list[StreamChunk], int, int]:
-        """One scheduler step. Returns the streamed chunks / finished requests, and (prefill, decode) token counts."""
+        """One scheduler step. Returns the streamed chunks / finished requests, and the (prefill,
+        decode) token counts of the step launched.
+
+        With overlap scheduling the step launched here is completed by the next call: the host
+        schedules and launches step N+1 before it reads step N's tokens, so the device never waits
+        for the host's bookkeeping. Without it, each step is completed before returning.
+        """
         batch = self.scheduler.schedule()
-        sampled, output = self.model_runner.run(batch, self.eos_token_id)
-        self._record_logprobs(batch.seqs, sampled, output)
-        advanced = self.scheduler.postprocess(batch, sampled)
-        chunks = [chunk for seq in advanced if (chunk := self._emit(self.requests[seq.seq_id])) is not None]
+        if not batch.seqs and self._in_flight is None:
+            raise RuntimeError("scheduler could not schedule any sequence (KV pool smaller than one request?)")
+        launched = None
+        if batch.seqs:
+            launched = (batch, self.model_runner.launch(batch, self.eos_token_id))
+            self.scheduler.advance(batch)
+        if self.runtime.overlap:
+            done, self._in_flight = self._in_flight, launched
+        else:
+            done = launched
+        chunks = self._complete(*done) if done is not None else []
         num_decode = batch.num_tokens if batch.is_decode else 0
         return chunks, batch.num_tokens - num_decode, num_decode
+
+    def _complete(self, batch: ScheduledBatch, handle: StepHandle) -> list[StreamChunk]:
+        """Read a launched step's tokens, resolve them in the scheduler, detokenize and emit."""
+        sampled = handle.sampled()
+        self._record_logprobs(batch.seqs, sampled, handle.output)
+        advanced = self.scheduler.resolve(batch, sampled)
+        return [chunk for seq in advanced if (chunk := self._emit(self.requests[seq.seq_id])) is not None]
 
     def _record_logprobs(self, seqs: list[Sequence], sampled: list[int | None], output: SamplerOutput) -> None:
         """Append {token id: logprob} (top-n plus the sampled token) for each sequence that sampled and asked for logprobs."""
@@ -212,7 +233,7 @@ class LLMEngine:
         if request.needs_text_each_step or seq.is_finished:
             old_len = len(detok.text)
             detok.add(seq.completion_token_ids[len(detok.token_ids) :], final=seq.is_finished)
-            if params.stop and seq.num_completion_tokens >= params.min_tokens:
+            if params.stop and seq.num_output_tokens >= params.min_tokens:
                 at = find_stop(detok.text, params.stop, old_len)
                 if at != -1:
                     detok.text = detok.text[:at]
@@ -233,11 +254,11 @@ class LLMEngine:
             seq.finish_reason,
         )
         request.num_streamed_chars = visible
-        request.num_streamed_tokens = seq.num_completion_tokens
+        request.num_streamed_tokens = seq.num_output_tokens
         return chunk
 
     def is_finished(self) -> bool:
-        return self.scheduler.is_finished()
+        return self.scheduler.is_finished() and self._in_flight is None
 
     # ---- batch APIs -----------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import torch
 from nanovllm.config import Config
 from nanovllm.engine.rpc import Call, CommandReader, WorkerEnd, Workers
 from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sequence import PENDING, Sequence
 from nanovllm.layers.attention import Attention, select_backend
 from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingTensors
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
@@ -31,6 +31,9 @@ class StepInputs:
 
     input_ids/positions int64 [N]; slot_mapping int32 [N]; cu_seqlens_q int32 [B+1];
     seq_lens int32 [B]; block_tables int32 [B, W] padded with -1; logits_indices int64 [S].
+    Under overlap scheduling some input ids are PENDING: `input_ids[pending_rows]` is taken on the
+    device from row `pending_src` of the previous step's sampled tokens (rank 0 broadcasts them to
+    the other ranks when `share_sampled`).
     """
 
     input_ids: np.ndarray
@@ -43,6 +46,9 @@ class StepInputs:
     max_seqlen_q: int
     max_seqlen_k: int
     is_decode: bool
+    pending_rows: np.ndarray
+    pending_src: np.ndarray
+    share_sampled: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,24 @@ class RuntimeInfo:
     num_kvcache_blocks: int
     attention_backend: str
     cuda_graphs: bool
+    overlap: bool
+
+
+@dataclass
+class StepHandle:
+    """A launched step whose sampled tokens may still be on their way to the host."""
+
+    samples: list[bool]
+    output: SamplerOutput
+    host_tokens: torch.Tensor
+    done: torch.cuda.Event | None
+
+    def sampled(self) -> list[int | None]:
+        """Wait for the step; the token drawn for each batch row (None for a partial prefill chunk)."""
+        if self.done is not None:
+            self.done.synchronize()
+        tokens = iter(self.host_tokens.tolist())
+        return [next(tokens) if samples else None for samples in self.samples]
 
 
 def resolve_device(config: Config, rank: int) -> torch.device:
@@ -111,10 +135,14 @@ class ModelRunner:
         first = self.attention_layers[0]
         self.kv_shape = (len(self.attention_layers), self.block_size, first.num_kv_heads, first.head_dim)
         self.kv_cache = self._allocate_kv_cache(self._num_kv_blocks())
+        self.overlap = self.device.type == "cuda" if config.overlap_scheduling is None else config.overlap_scheduling
+        self.share_sampled = self.overlap and self.group.size > 1
+        self.last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.sample_rows: dict[int, int] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_cuda_graphs()
-        self.info = RuntimeInfo(self.device, self.dtype, self.kv_cache.shape[2], self.backend.name, bool(self.graphs))
+        self.info = RuntimeInfo(self.device, self.dtype, self.kv_cache.shape[2], self.backend.name, bool(self.graphs), self.overlap)
 
     # ---- KV cache -------------------------------------------------------------------------
 
@@ -184,12 +212,14 @@ class ModelRunner:
             max_seqlen_q=seq_len,
             max_seqlen_k=seq_len,
             is_decode=False,
+            pending_rows=np.zeros(0, dtype=np.int64),
+            pending_src=np.zeros(0, dtype=np.int64),
         )
 
     # ---- inputs ---------------------------------------------------------------------------
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        """Build the step's host arrays from sequence state (before `Scheduler.postprocess`)."""
+        """Build the step's host arrays from sequence state (before `Scheduler.advance`)."""
         bs = self.block_size
         num_seqs = len(batch.seqs)
         block_tables = np.full((num_seqs, max(len(s.block_table) for s in batch.seqs)), -1, dtype=np.int32)
@@ -209,6 +239,8 @@ class ModelRunner:
         seq_index = np.repeat(np.arange(num_seqs), counts)
         slot_mapping = (block_tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs).astype(np.int32)
         samples = np.fromiter((e == s.num_tokens for s, e in zip(batch.seqs, ends.tolist())), dtype=bool, count=num_seqs)
+        pending_rows = np.flatnonzero(input_ids == PENDING)
+        pending_src = np.fromiter((self.sample_rows[batch.seqs[i].seq_id] for i in seq_index[pending_rows].tolist()), dtype=np.int64, count=len(pending_rows))
         return StepInputs(
             input_ids=input_ids,
             positions=positions,
@@ -220,6 +252,9 @@ class ModelRunner:
             max_seqlen_q=int(counts.max()),
             max_seqlen_k=int(ends.max()),
             is_decode=batch.is_decode,
+            pending_rows=pending_rows,
+            pending_src=pending_src,
+            share_sampled=self.share_sampled,
         )
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
@@ -276,27 +311,49 @@ class ModelRunner:
                 max_seqlen_q=inputs.max_seqlen_q,
                 max_seqlen_k=inputs.max_seqlen_k,
             ))
-            hidden = self.model(self._to_device(inputs.input_ids), self._to_device(inputs.positions))
+            hidden = self.model(self._input_ids(inputs, self._to_device(inputs.input_ids)), self._to_device(inputs.positions))
         reset_context()
         return self.model.compute_logits(hidden, self._to_device(inputs.logits_indices))
 
+    def _input_ids(self, inputs: StepInputs, input_ids: torch.Tensor) -> torch.Tensor:
+        """Fill PENDING input ids from the previous step's sampled tokens, on the device (no host sync)."""
+        if len(inputs.pending_rows):
+            input_ids[self._to_device(inputs.pending_rows)] = self.last_sampled[self._to_device(inputs.pending_src)]
+        return input_ids
+
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, eos_token_id: int | None) -> tuple[list[int | None], SamplerOutput | None]:
-        """Run one step on rank 0: returns the token sampled for each sequence (None for partial chunks)
-        and the raw sampler output (for logprobs; rows are the sampling sequences in batch order)."""
+    def launch(self, batch: ScheduledBatch, eos_token_id: int | None) -> StepHandle:
+        """Rank 0: run one step and sample, without waiting for the device; the tokens stay on the
+        device for the next step's PENDING inputs and are copied to the host behind the step."""
         inputs = self.prepare(batch)
         logits = self._execute_on_all_ranks(inputs)
-        sampling_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
+        samples = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(batch.seqs, batch.num_new_tokens)]
+        sampling_seqs = [s for s, sampled in zip(batch.seqs, samples) if sampled]
         output = self.sampler(logits, self.sampling_tensors(sampling_seqs, eos_token_id))
-        token_ids = iter(output.token_ids.tolist())
-        sampled = [next(token_ids) if s.num_computed_tokens + n == s.num_tokens else None for s, n in zip(batch.seqs, batch.num_new_tokens)]
-        return sampled, output
+        if inputs.share_sampled:
+            self.group.broadcast(output.token_ids)
+        self.last_sampled = output.token_ids
+        self.sample_rows = {seq.seq_id: row for row, seq in enumerate(sampling_seqs)}
+        if self.device.type != "cuda":
+            return StepHandle(samples, output, output.token_ids, None)
+        host_tokens = torch.empty(output.token_ids.shape, dtype=output.token_ids.dtype, pin_memory=True)
+        host_tokens.copy_(output.token_ids, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return StepHandle(samples, output, host_tokens, done)
+
+    def worker_step(self, inputs: StepInputs) -> None:
+        """A tensor-parallel worker's step: the forward pass, then rank 0's sampled tokens if shared."""
+        self.execute(inputs)
+        if inputs.share_sampled:
+            self.last_sampled = torch.empty(len(inputs.logits_indices), dtype=torch.int64, device=self.device)
+            self.group.broadcast(self.last_sampled)
 
     def _execute_on_all_ranks(self, inputs: StepInputs) -> torch.Tensor:
         """Rank 0: start the step on the tensor-parallel workers, then run it here."""
         if self.workers is None:
             return self.execute(inputs)
-        self.workers.call("execute", inputs)
+        self.workers.call("worker_step", inputs)
         try:
             return self.execute(inputs)
         except BaseException as exc:
@@ -351,6 +408,7 @@ class ModelRunner:
         v = self.graph_vars
         n = len(inputs.seq_lens)
         v["input_ids"][:n] = self._to_device(inputs.input_ids)
+        self._input_ids(inputs, v["input_ids"][:n])
         v["positions"][:n] = self._to_device(inputs.positions)
         v["slot_mapping"][n:graph_bs] = -1
         v["slot_mapping"][:n] = self._to_device(inputs.slot_mapping)

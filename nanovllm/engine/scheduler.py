@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.sequence import PENDING, Sequence, SequenceStatus
 
 
 @dataclass
@@ -61,7 +61,8 @@ class Scheduler:
         return [*self.waiting, *self.running]
 
     def schedule(self) -> ScheduledBatch:
-        """Pick the next step's batch. Precondition: `not is_finished()`."""
+        """Pick the next step's batch. It is empty only when every running sequence awaits a pending
+        token that will end it (overlap scheduling) or when nothing fits (the caller reports that)."""
         batch = ScheduledBatch([], [])
         if self.chunked:
             self._schedule_running(batch)
@@ -70,9 +71,11 @@ class Scheduler:
             self._schedule_waiting(batch)
             if not batch.seqs:
                 self._schedule_running(batch)
-        if not batch.seqs:
-            raise RuntimeError("scheduler could not schedule any sequence (KV pool smaller than one request?)")
         return batch
+
+    def _at_length_limit(self, seq: Sequence) -> bool:
+        """Whether the sequence's tokens, pending ones included, already reach max_tokens or max_model_len."""
+        return seq.num_completion_tokens >= seq.sampling_params.max_tokens or seq.num_tokens >= self.max_model_len
 
     def _schedule_waiting(self, batch: ScheduledBatch) -> None:
         budget = self.max_num_batched_tokens - batch.num_tokens
@@ -82,6 +85,8 @@ class Scheduler:
         max_running = min(self.max_num_seqs, self.max_num_batched_tokens)
         while self.waiting and budget > 0 and len(self.running) < max_running:
             seq = self.waiting[0]
+            if seq.num_pending_tokens:
+                break  # preempted while its token was in flight: recompute once the token is known
             hit_ids, _ = bm.match_prefix(seq)
             remaining = seq.num_tokens - len(hit_ids) * bm.block_size
             if remaining > budget and not self.chunked:
@@ -103,6 +108,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0 and len(batch.seqs) < self.max_num_seqs:
             seq = self.running[i]
+            if self._at_length_limit(seq):
+                i += 1  # its pending token ends it; nothing more to compute
+                continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             while not bm.can_append(seq, num_new) and self.running[-1] is not seq:
                 self._preempt(self.running.pop())
@@ -123,18 +131,39 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
-        """Advance each sequence past the tokens it computed and append its sampled token.
+        """`advance` then `resolve`: the whole step when the host waits for each step's tokens."""
+        self.advance(batch)
+        return self.resolve(batch, sampled)
 
-        `sampled[i]` is the token drawn for `batch.seqs[i]`, or None when the step did not reach
-        its last token (a partial prefill chunk). Returns the sequences that got a new token.
+    def advance(self, batch: ScheduledBatch) -> None:
+        """Mark the step's tokens computed and give each sequence that samples a PENDING token.
+
+        Called once the step is launched (its inputs were built from the state before this call).
+        """
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += num_new
+            if seq.num_computed_tokens == seq.num_tokens:
+                seq.token_ids.append(PENDING)
+                seq.num_pending_tokens += 1
+
+    def resolve(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
+        """Fill in the step's sampled tokens, hash blocks that became full, apply the stop rules.
+
+        `sampled[i]` is the token drawn for `batch.seqs[i]`, or None when the step did not reach its
+        last token (a partial prefill chunk). Precondition: `advance(batch)` ran, and every step
+        advanced before this one was resolved (placeholders fill oldest first). Sequences that
+        finished while the step was in flight are skipped. Returns those that got a new token.
         """
         advanced = []
-        for seq, num_new, token_id in zip(batch.seqs, batch.num_new_tokens, sampled):
-            seq.num_computed_tokens += num_new
+        for seq, token_id in zip(batch.seqs, sampled):
+            if seq.is_finished:
+                continue
+            if token_id is not None:
+                seq.token_ids[seq.num_tokens - seq.num_pending_tokens] = token_id
+                seq.num_pending_tokens -= 1
             self.block_manager.commit_computed(seq)
             if token_id is None:
                 continue
-            seq.token_ids.append(token_id)
             advanced.append(seq)
             reason = self._stop_reason(seq, token_id)
             if reason is not None:
@@ -142,28 +171,30 @@ class Scheduler:
         return advanced
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
-        """Why `seq` ends after `token_id`: EOS or a stop token past min_tokens ("stop"), max_tokens or max_model_len ("length")."""
+        """Why `seq` ends after its newest known token `token_id`: EOS or a stop token past min_tokens
+        ("stop"), max_tokens or max_model_len ("length")."""
         params = seq.sampling_params
-        if seq.num_completion_tokens > params.min_tokens:
+        num_output = seq.num_output_tokens
+        if num_output > params.min_tokens:
             if not params.ignore_eos and token_id == self.eos_token_id:
                 return "stop"
             if token_id in params.stop_token_ids:
                 return "stop"
-        if seq.num_completion_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        if num_output >= params.max_tokens or seq.num_prompt_tokens + num_output >= self.max_model_len:
             return "length"
         return None
 
     def abort(self, seq: Sequence) -> None:
         """Remove an unfinished sequence from whichever queue holds it and free its blocks."""
+        self.finish(seq, "abort")
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence after its newest known token: free its blocks and drop tokens still pending
+        (computed speculatively by a step in flight; their outputs are discarded)."""
         queue = self.running if seq.status == SequenceStatus.RUNNING else self.waiting
         queue.remove(seq)
         self.block_manager.deallocate(seq)
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = "abort"
-
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """End a running sequence and free its blocks."""
+        del seq.token_ids[seq.num_tokens - seq.num_pending_tokens :]
+        seq.num_pending_tokens = 0
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self.block_manager.deallocate(seq)
-        self.running.remove(seq)

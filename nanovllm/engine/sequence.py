@@ -7,6 +7,10 @@ from itertools import count
 from nanovllm.sampling_params import SamplingParams
 
 
+PENDING = -1
+"""Placeholder for a sampled token the host has not read yet (overlap scheduling)."""
+
+
 class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()
@@ -18,7 +22,9 @@ class Sequence:
 
     Invariants: `num_cached_tokens <= num_computed_tokens <= num_tokens`;
     `block_table` covers at least `num_computed_tokens` positions;
-    `block_hashes[i]` is the prefix-cache hash of full, computed block i.
+    `block_hashes[i]` is the prefix-cache hash of full, computed block i;
+    the last `num_pending_tokens` entries of `token_ids` are PENDING (sampled on the device, value
+    not yet on the host) and every other entry is a real token.
     """
 
     _ids = count()
@@ -36,6 +42,7 @@ class Sequence:
         self.block_hashes: list[int] = []
         self.finish_reason: str | None = None
         self.num_preemptions = 0
+        self.num_pending_tokens = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -45,16 +52,18 @@ class Sequence:
         return len(self.token_ids)
 
     @property
-    def last_token(self) -> int:
-        return self.token_ids[-1]
-
-    @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
     @property
     def num_completion_tokens(self) -> int:
+        """Generated tokens, pending ones included (what scheduling and sampling limits count)."""
         return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Generated tokens whose values are known on the host."""
+        return self.num_completion_tokens - self.num_pending_tokens
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -62,7 +71,8 @@ class Sequence:
 
     @property
     def completion_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        """Generated tokens known on the host (pending ones excluded)."""
+        return self.token_ids[self.num_prompt_tokens : self.num_tokens - self.num_pending_tokens]
 
     @property
     def num_uncomputed_tokens(self) -> int:

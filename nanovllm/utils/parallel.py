@@ -61,6 +61,14 @@ class TPGroup:
         options.asyncOp = False
         self._live_backend().allreduce([x], options).wait()
 
+    def broadcast(self, x: torch.Tensor) -> None:
+        """Overwrite `x` on every rank with rank 0's `x`."""
+        options = dist.BroadcastOptions()
+        options.rootRank = 0
+        options.rootTensor = 0
+        options.asyncOp = False
+        self._live_backend().broadcast([x], options).wait()
+
     def gather(self, x: torch.Tensor) -> torch.Tensor | None:
         """Every rank's `x` concatenated along the last dim on rank 0; None on the other ranks."""
         options = dist.GatherOptions()
