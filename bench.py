@@ -97,38 +97,58 @@ def workload_floor(llm: LLM, workload: Workload, decode_steps: int) -> Floor:
 
 
 class StepProfiler:
-    """Counts decode steps; with `split_device_time`, also splits each decode step's wall time into
-    host work and time spent waiting for the device (adds one synchronisation per step)."""
+    """Counts decode steps; with `gpu_timeline` (CUDA only) also records CUDA events around each
+    step's device work (from the first forward kernel to the sampled-token copy), without any host
+    synchronisation, so the idle gaps of the device between decode steps can be measured afterwards."""
 
-    def __init__(self, llm: LLM, split_device_time: bool) -> None:
-        self.records: list[tuple[float, float]] = []
-        self._wait = 0.0
+    def __init__(self, llm: LLM, gpu_timeline: bool) -> None:
+        self.decode_steps = 0
+        self.host_s: list[float] = []
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event, bool]] = []
         self._step = llm.step
         llm.step = self._timed_step
-        if split_device_time:
-            self._execute = llm.model_runner.execute
-            llm.model_runner.execute = self._timed_execute
+        if gpu_timeline and llm.runtime.device.type == "cuda":
+            runner = llm.model_runner
+            self._execute, self._launch = runner.execute, runner.launch
+            runner.execute, runner.launch = self._marked_execute, self._marked_launch
 
-    def _timed_execute(self, inputs):
-        logits = self._execute(inputs)
-        start = time.perf_counter()
-        if logits is not None and logits.is_cuda:
-            torch.cuda.synchronize()
-        self._wait = time.perf_counter() - start
-        return logits
+    def _marked_execute(self, inputs):
+        self._start = torch.cuda.Event(enable_timing=True)
+        self._start.record()
+        self._is_decode = inputs.is_decode
+        return self._execute(inputs)
+
+    def _marked_launch(self, batch, eos_token_id):
+        handle = self._launch(batch, eos_token_id)
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.events.append((self._start, end, self._is_decode))
+        return handle
 
     def _timed_step(self):
         start = time.perf_counter()
         chunks, num_prefill, num_decode = self._step()
         if num_decode:
-            self.records.append((time.perf_counter() - start, self._wait))
+            self.decode_steps += 1
+            self.host_s.append(time.perf_counter() - start)
         return chunks, num_prefill, num_decode
 
     def summary(self) -> dict:
-        n = len(self.records)
-        wall = sum(r[0] for r in self.records) / max(n, 1)
-        wait = sum(r[1] for r in self.records) / max(n, 1)
-        return {"step_ms": round(wall * 1e3, 3), "device_wait_ms": round(wait * 1e3, 3), "host_ms": round((wall - wait) * 1e3, 3)}
+        """Mean decode-step figures: host wall time per step() call, device busy time, device idle gap before the step."""
+        figures = {"host_step_ms": round(1e3 * sum(self.host_s) / max(len(self.host_s), 1), 3)}
+        if not self.events:
+            return figures
+        torch.cuda.synchronize()
+        busy, idle = [], []
+        for (start, end, is_decode), (_, previous_end, previous_decode) in zip(self.events[1:], self.events[:-1]):
+            if is_decode and previous_decode:
+                busy.append(start.elapsed_time(end))
+                idle.append(max(0.0, previous_end.elapsed_time(start)))
+        if busy:
+            mean_busy, mean_idle = sum(busy) / len(busy), sum(idle) / len(idle)
+            figures.update({"gpu_busy_ms": round(mean_busy, 3), "gpu_idle_gap_ms": round(mean_idle, 3),
+                            "gpu_idle_pct": round(100 * mean_idle / (mean_busy + mean_idle), 2)})
+        return figures
 
 
 def main() -> None:
@@ -146,7 +166,8 @@ def main() -> None:
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--scheduling-policy", default="prefill_first")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--profile", action="store_true", help="split decode steps into host and device-wait time")
+    parser.add_argument("--profile", action="store_true", help="per decode step: host time, device busy time, device idle gap")
+    parser.add_argument("--no-overlap", action="store_true", help="disable overlap scheduling (the host waits for each step)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
 
@@ -158,14 +179,15 @@ def main() -> None:
         model = str(make_checkpoint(scratch.name, preset))
         print(f"no --model: built a random-weight {preset} checkpoint in {model}")
     llm = LLM(model, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len, tensor_parallel_size=args.tp,
-              attention_backend=args.attention_backend, scheduling_policy=args.scheduling_policy, device=args.device)
+              attention_backend=args.attention_backend, scheduling_policy=args.scheduling_policy, device=args.device,
+              overlap_scheduling=False if args.no_overlap else None)
     workload = make_workload(args, llm.config.hf_config.vocab_size)
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
     profiler = StepProfiler(llm, args.profile)
     start = time.perf_counter()
     llm.generate(workload.prompts, workload.params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    decode_steps = len(profiler.records)
+    decode_steps = profiler.decode_steps
     total_tokens = sum(p.max_tokens for p in workload.params)
     device = llm.runtime.device
     bandwidth = measure_copy_bandwidth(device)
@@ -175,14 +197,13 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     figures = {
         "device": name, "backend": llm.runtime.attention_backend, "cuda_graphs": llm.runtime.cuda_graphs,
-        "kv_blocks": llm.runtime.num_kvcache_blocks, "total_tokens": total_tokens, "seconds": round(elapsed, 3),
+        "overlap": llm.runtime.overlap, "kv_blocks": llm.runtime.num_kvcache_blocks, "total_tokens": total_tokens, "seconds": round(elapsed, 3),
         "tok_per_s": round(total_tokens / elapsed, 1), "floor_s": round(floor_s, 3), "pct_of_floor": round(100 * floor_s / elapsed, 1),
         "achieved_GBps": round((floor.kv_bytes + floor.weight_bytes * decode_steps) / elapsed / 1e9, 1),
         "copy_GBps": round(bandwidth / 1e9, 1), "matmul_TFLOPs": round(matmul_rate / 1e12, 1), "decode_steps": decode_steps,
         "preemptions": llm.scheduler.num_preemptions,
     }
-    if args.profile:
-        figures.update(profiler.summary())
+    figures.update(profiler.summary())
     print(f"Total: {total_tokens}tok, Time: {elapsed:.2f}s, Throughput: {total_tokens / elapsed:.2f}tok/s")
     print(f"Floor: {floor_s:.2f}s ({figures['pct_of_floor']}% of floor), achieved {figures['achieved_GBps']} GB/s "
           f"of {figures['copy_GBps']} GB/s copy bandwidth, matmul {figures['matmul_TFLOPs']} TFLOP/s")

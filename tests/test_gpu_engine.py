@@ -79,3 +79,19 @@ def test_kv_cache_sized_from_gpu_memory(tiny_model):
     kv_bytes = llm.model_runner.kv_cache.nbytes
     assert 0.2 * total < kv_bytes < 0.3 * total
     llm.exit()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_tensor_parallel_two_gpus_matches_tp1(tiny_model, hf, prompts, enforce_eager):
+    """NCCL TP=2 (overlap on, so rank 0 broadcasts sampled tokens) equals HF; nothing left after exit."""
+    import multiprocessing
+    import os
+
+    llm = cuda_llm(tiny_model, attention_backend="triton", tensor_parallel_size=2, enforce_eager=enforce_eager)
+    assert llm.runtime.overlap and llm.runtime.cuda_graphs != enforce_eager
+    for prompt, tokens in zip(prompts, greedy_tokens(llm, prompts)):
+        assert tokens == hf.greedy(prompt, 32, ignore_eos=True)
+    llm.exit()
+    assert not multiprocessing.active_children()
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"nanovllm-{os.getpid()}-")]

@@ -258,29 +258,34 @@ class ModelRunner:
         )
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """Host array -> device tensor through pinned memory, without waiting for the device."""
         tensor = torch.from_numpy(array)
         if self.device.type == "cuda":
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor
 
     def sampling_tensors(self, seqs: list[Sequence], eos_token_id: int | None) -> SamplingTensors:
-        """Per-row sampling parameters for the sequences that sample this step (filters only where some row uses them)."""
+        """Per-row sampling parameters for the sequences that sample this step (filters only where some row
+        uses them), copied without blocking the host (a blocking copy would wait for the step in flight)."""
         params = [s.sampling_params for s in seqs]
-        device = self.device
-        temperatures = torch.tensor([0.0 if p.greedy else p.temperature for p in params], dtype=torch.float32, device=device)
+
+        def device_array(values: list, dtype: type) -> torch.Tensor:
+            return self._to_device(np.asarray(values, dtype=dtype))
+
+        temperatures = device_array([0.0 if p.greedy else p.temperature for p in params], np.float32)
         tensors = SamplingTensors(temperatures, all_greedy=all(p.greedy for p in params))
         if not tensors.all_greedy:
             if any(p.top_k > 0 for p in params):
-                tensors.top_k = torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params], device=device)
+                tensors.top_k = device_array([p.top_k if p.top_k > 0 else self.vocab_size for p in params], np.int64)
             if any(p.top_p < 1 for p in params):
-                tensors.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+                tensors.top_p = device_array([p.top_p for p in params], np.float32)
             if any(p.min_p > 0 for p in params):
-                tensors.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
+                tensors.min_p = device_array([p.min_p for p in params], np.float32)
             seeded = [i for i, p in enumerate(params) if p.seed is not None and not p.greedy]
             if seeded:
-                tensors.seed_rows = torch.tensor(seeded, device=device)
-                tensors.seeds = torch.tensor([params[i].seed for i in seeded], dtype=torch.int64, device=device)
-                tensors.positions = torch.tensor([seqs[i].num_tokens for i in seeded], dtype=torch.int64, device=device)
+                tensors.seed_rows = device_array(seeded, np.int64)
+                tensors.seeds = device_array([params[i].seed for i in seeded], np.int64)
+                tensors.positions = device_array([seqs[i].num_tokens for i in seeded], np.int64)
         # Below min_tokens, EOS and the stop tokens cannot be sampled.
         banned = [
             (row, token)
@@ -289,7 +294,7 @@ class ModelRunner:
             for token in ([] if p.ignore_eos or eos_token_id is None else [eos_token_id]) + p.stop_token_ids
         ]
         if banned:
-            tensors.banned = torch.tensor(banned, dtype=torch.int64, device=device).T
+            tensors.banned = device_array(banned, np.int64).T
         requested = [p.logprobs for p in params if p.logprobs is not None]
         tensors.max_logprobs = max(requested) if requested else -1
         return tensors
