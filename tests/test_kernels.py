@@ -1,0 +1,328 @@
+"""Tests of the Triton kernels in nanovllm.kernels against plain PyTorch references.
+
+They need a CUDA device and are skipped without one. With TRITON_INTERPRET=1 set in the
+environment (before Python starts) they also run on CPU tensors through Triton's
+interpreter, except the CUDA-graph test.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-4}
+
+
+def _device(dtype: torch.dtype = torch.float32) -> torch.device:
+    """The device the kernels run on; skips the test where there is none."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs a CUDA device")
+    if dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly")
+    return torch.device("cpu")
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def _paged_cache(
+    seq_lens: list[int],
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random K/V caches with shuffled block ids, and the -1 padded block table.
+
+    Each sequence owns cdiv(seq_len, block_size) blocks. Spare blocks and
+    the slots past each sequence's length are NaN, so any read of them shows in the output.
+    """
+    blocks_per_seq = [math.ceil(n / block_size) for n in seq_lens]
+    max_blocks = max(max(blocks_per_seq), 1)
+    num_blocks = sum(blocks_per_seq) + 3
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    perm = torch.randperm(num_blocks).tolist()
+    block_tables = torch.full((len(seq_lens), max_blocks), -1, dtype=torch.int32)
+    for b, (n, nb) in enumerate(zip(seq_lens, blocks_per_seq)):
+        ids = [perm.pop() for _ in range(nb)]
+        block_tables[b, :nb] = torch.tensor(ids, dtype=torch.int32)
+        flat_k = k_cache[ids].view(-1, num_kv_heads, head_dim)
+        flat_v = v_cache[ids].view(-1, num_kv_heads, head_dim)
+        flat_k[:n] = torch.randn(n, num_kv_heads, head_dim, device=device).to(dtype)
+        flat_v[:n] = torch.randn(n, num_kv_heads, head_dim, device=device).to(dtype)
+        k_cache[ids] = flat_k.view(nb, block_size, num_kv_heads, head_dim)
+        v_cache[ids] = flat_v.view(nb, block_size, num_kv_heads, head_dim)
+    return k_cache, v_cache, block_tables.to(device)
+
+
+def _strided_q(
+    num_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """q as a non-contiguous view into a fused qkv projection output."""
+    qkv = torch.randn(num_tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, device=device).to(dtype)
+    return qkv[:, : num_q_heads * head_dim].view(num_tokens, num_q_heads, head_dim)
+
+
+def _reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: list[int],
+    seq_lens: list[int],
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """float64 causal attention over the paged cache; rows past cu_seqlens_q[-1] are zero."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    out = torch.zeros(num_tokens, num_q_heads, head_dim, dtype=torch.float64, device=q.device)
+    for b, seq_len in enumerate(seq_lens):
+        q_lo, q_hi = cu_seqlens_q[b], cu_seqlens_q[b + 1]
+        q_len = q_hi - q_lo
+        if q_len == 0 or seq_len == 0:
+            continue
+        blocks = block_tables[b, : math.ceil(seq_len / block_size)].long()
+        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].double()
+        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].double()
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[q_lo:q_hi].double(), k) * scale
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        visible = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out[q_lo:q_hi] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "dtype,block_size,num_kv_heads,head_dim",
+    [
+        (torch.bfloat16, 256, 8, 128),
+        (torch.float16, 16, 2, 64),
+        (torch.float32, 64, 4, 128),
+    ],
+)
+def test_store_kvcache(dtype: torch.dtype, block_size: int, num_kv_heads: int, head_dim: int) -> None:
+    device = _device()
+    from nanovllm.kernels.kv_store import store_kvcache
+
+    torch.manual_seed(block_size)
+    num_blocks, num_tokens = 6, 45
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, device=device).to(dtype)
+    v_cache = torch.randn(shape, device=device).to(dtype)
+    width = num_kv_heads * head_dim
+    qkv = torch.randn(num_tokens, 6 * width, device=device).to(dtype)
+    key = qkv[:, 4 * width : 5 * width].view(num_tokens, num_kv_heads, head_dim)
+    value = qkv[:, 5 * width : 6 * width].view(num_tokens, num_kv_heads, head_dim)
+    slots = torch.randperm(num_blocks * block_size)[:num_tokens].to(torch.int32)
+    slots[torch.randperm(num_tokens)[:7]] = -1
+    slot_mapping = slots.to(device)
+
+    expected_k = k_cache.clone().view(-1, num_kv_heads, head_dim)
+    expected_v = v_cache.clone().view(-1, num_kv_heads, head_dim)
+    keep = slots >= 0
+    expected_k[slots[keep].long()] = key[keep.to(device)]
+    expected_v[slots[keep].long()] = value[keep.to(device)]
+
+    store_kvcache(key, value, k_cache, v_cache, slot_mapping)
+    assert torch.equal(k_cache.view(-1, num_kv_heads, head_dim), expected_k)
+    assert torch.equal(v_cache.view(-1, num_kv_heads, head_dim), expected_v)
+
+
+VARLEN_CASES = [
+    (torch.bfloat16, 256, 128, 2),
+    (torch.bfloat16, 16, 64, 4),
+    (torch.bfloat16, 64, 128, 1),
+    (torch.float16, 16, 128, 1),
+    (torch.float16, 64, 64, 2),
+    (torch.float16, 256, 128, 4),
+    (torch.float32, 16, 64, 2),
+    (torch.float32, 64, 128, 4),
+    (torch.float32, 256, 64, 1),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,block_size,head_dim,group", VARLEN_CASES)
+def test_paged_attention_varlen_mixed(dtype: torch.dtype, block_size: int, head_dim: int, group: int) -> None:
+    device = _device(dtype)
+    from nanovllm.kernels.paged_attention import paged_attention_varlen
+
+    torch.manual_seed(block_size * head_dim + group)
+    num_kv_heads = 2
+    num_q_heads = num_kv_heads * group
+    # (cached context, new tokens): prefills ending mid-block and on a boundary, prefill
+    # chunks over cached prefixes, decodes (one ending on a boundary) and an idle sequence.
+    batch = [
+        (0, 37),
+        (0, block_size),
+        (2 * block_size, block_size // 2 + 3),
+        (101, 1),
+        (block_size - 1, 1),
+        (300, 75),
+        (50, 0),
+        (0, 1),
+        (5, 200),
+    ]
+    seq_lens = [c + n for c, n in batch]
+    cu = [0]
+    for _, n in batch:
+        cu.append(cu[-1] + n)
+    k_cache, v_cache, block_tables = _paged_cache(seq_lens, block_size, num_kv_heads, head_dim, dtype, device)
+    num_tokens = cu[-1] + 3
+    q = _strided_q(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, device)
+    out = torch.full((num_tokens, num_q_heads, head_dim), float("nan"), dtype=dtype, device=device)
+    scale = head_dim**-0.5
+
+    paged_attention_varlen(
+        q,
+        k_cache,
+        v_cache,
+        out,
+        torch.tensor(cu, dtype=torch.int32, device=device),
+        torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables,
+        max(n for _, n in batch),
+        scale,
+    )
+    ref = _reference(q, k_cache, v_cache, cu, seq_lens, block_tables, scale)
+    assert not out[: cu[-1]].isnan().any()
+    assert out[cu[-1] :].isnan().all()
+    assert _rel_err(out[: cu[-1]], ref[: cu[-1]]) <= TOLERANCE[dtype]
+
+
+@pytest.mark.cuda
+def test_paged_attention_varlen_many_sequences() -> None:
+    """More sequences than one vector load of the kernel's sequence lookup covers."""
+    dtype, block_size, head_dim, num_kv_heads, num_q_heads = torch.float16, 16, 64, 2, 4
+    device = _device(dtype)
+    from nanovllm.kernels.paged_attention import paged_attention_varlen
+
+    torch.manual_seed(300)
+    q_lens = torch.randint(0, 5, (300,)).tolist()
+    q_lens[-1] = 70
+    contexts = torch.randint(0, 40, (300,)).tolist()
+    seq_lens = [c + n for c, n in zip(contexts, q_lens)]
+    cu = [0]
+    for n in q_lens:
+        cu.append(cu[-1] + n)
+    k_cache, v_cache, block_tables = _paged_cache(seq_lens, block_size, num_kv_heads, head_dim, dtype, device)
+    q = _strided_q(cu[-1], num_q_heads, num_kv_heads, head_dim, dtype, device)
+    out = torch.full((cu[-1], num_q_heads, head_dim), float("nan"), dtype=dtype, device=device)
+    scale = head_dim**-0.5
+
+    paged_attention_varlen(
+        q,
+        k_cache,
+        v_cache,
+        out,
+        torch.tensor(cu, dtype=torch.int32, device=device),
+        torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables,
+        max(q_lens),
+        scale,
+    )
+    ref = _reference(q, k_cache, v_cache, cu, seq_lens, block_tables, scale)
+    assert not out.isnan().any()
+    assert _rel_err(out, ref) <= TOLERANCE[dtype]
+
+
+DECODE_CASES = [
+    # dtype, block_size, head_dim, num_kv_heads, group, batch, max context
+    (torch.bfloat16, 256, 128, 2, 2, 1, 3000),
+    (torch.bfloat16, 16, 64, 2, 4, 33, 3000),
+    (torch.bfloat16, 256, 128, 8, 2, 160, 700),
+    (torch.float16, 64, 128, 2, 1, 33, 3000),
+    (torch.float16, 256, 64, 2, 4, 1, 3000),
+    (torch.float16, 16, 128, 2, 2, 300, 400),
+    (torch.float32, 16, 128, 2, 2, 33, 3000),
+    (torch.float32, 64, 64, 2, 1, 1, 3000),
+    (torch.float32, 256, 128, 1, 4, 5, 1000),
+]
+
+
+def _decode_lens(batch: int, max_context: int, block_size: int) -> list[int]:
+    """Random lengths in [1, max_context], with boundaries, length 1 and (for batch > 2) an empty slot."""
+    lens = torch.randint(1, max_context + 1, (batch,)).tolist()
+    lens[0] = max_context
+    if batch > 2:
+        lens[1] = 1
+        lens[2] = 0
+    for i in range(3, batch, 4):
+        lens[i] = block_size * max(1, lens[i] // block_size)
+    return lens
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,block_size,head_dim,num_kv_heads,group,batch,max_context", DECODE_CASES)
+def test_paged_attention_decode(
+    dtype: torch.dtype, block_size: int, head_dim: int, num_kv_heads: int, group: int, batch: int, max_context: int
+) -> None:
+    device = _device(dtype)
+    from nanovllm.kernels.paged_attention import paged_attention_decode
+
+    torch.manual_seed(batch * block_size + head_dim + group)
+    num_q_heads = num_kv_heads * group
+    seq_lens = _decode_lens(batch, max_context, block_size)
+    k_cache, v_cache, block_tables = _paged_cache(seq_lens, block_size, num_kv_heads, head_dim, dtype, device)
+    q = _strided_q(batch, num_q_heads, num_kv_heads, head_dim, dtype, device)
+    out = torch.full((batch, num_q_heads, head_dim), float("nan"), dtype=dtype, device=device)
+    scale = head_dim**-0.5
+
+    paged_attention_decode(
+        q, k_cache, v_cache, out, torch.tensor(seq_lens, dtype=torch.int32, device=device), block_tables, scale
+    )
+    ref = _reference(q, k_cache, v_cache, list(range(batch + 1)), seq_lens, block_tables, scale)
+    assert not out.isnan().any()
+    assert _rel_err(out, ref) <= TOLERANCE[dtype]
+
+
+@pytest.mark.cuda
+def test_paged_attention_decode_cuda_graph() -> None:
+    device = _device()
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    from nanovllm.kernels.paged_attention import paged_attention_decode
+
+    torch.manual_seed(7)
+    dtype, block_size, head_dim, num_kv_heads, num_q_heads, batch = torch.bfloat16, 64, 128, 2, 4, 6
+    capacity = 2000
+    scale = head_dim**-0.5
+    seq_lens = _decode_lens(batch, capacity, block_size)
+    k_cache, v_cache, block_tables = _paged_cache(
+        [capacity] * batch, block_size, num_kv_heads, head_dim, dtype, device
+    )
+    q = _strided_q(batch, num_q_heads, num_kv_heads, head_dim, dtype, device)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    out = torch.full((batch, num_q_heads, head_dim), float("nan"), dtype=dtype, device=device)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        paged_attention_decode(q, k_cache, v_cache, out, lens, block_tables, scale)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_attention_decode(q, k_cache, v_cache, out, lens, block_tables, scale)
+
+    for _ in range(2):
+        seq_lens = _decode_lens(batch, capacity, block_size)
+        lens.copy_(torch.tensor(seq_lens, dtype=torch.int32))
+        q.copy_(torch.randn(q.shape, device=device).to(dtype))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = _reference(q, k_cache, v_cache, list(range(batch + 1)), seq_lens, block_tables, scale)
+        assert not out.isnan().any()
+        assert _rel_err(out, ref) <= TOLERANCE[dtype]
