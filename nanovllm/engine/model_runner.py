@@ -134,12 +134,12 @@ class ModelRunner:
             layer.backend = self.backend
         first = self.attention_layers[0]
         self.kv_shape = (len(self.attention_layers), self.block_size, first.num_kv_heads, first.head_dim)
-        self.kv_cache = self._allocate_kv_cache(self._num_kv_blocks())
         self.overlap = self.device.type == "cuda" if config.overlap_scheduling is None else config.overlap_scheduling
         self.share_sampled = self.overlap and self.group.size > 1
         self.last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.sample_rows: dict[int, int] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.kv_cache = self._allocate_kv_cache(self._num_kv_blocks())
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_cuda_graphs()
         self.info = RuntimeInfo(self.device, self.dtype, self.kv_cache.shape[2], self.backend.name, bool(self.graphs), self.overlap)
