@@ -30,6 +30,13 @@ def create_store(size: int, port: int = 0) -> dist.TCPStore:
     return dist.TCPStore(HOST, port, size, is_master=port == 0, timeout=TIMEOUT, wait_for_workers=False)
 
 
+def _wait(work: dist.Work | None) -> None:
+    """Complete a collective: gloo returns a Work to wait on; NCCL with asyncOp=False has already
+    ordered it on the current stream and returns None."""
+    if work is not None:
+        work.wait()
+
+
 class TPGroup:
     """The ranks of one engine and the backend joining them; `size == 1` needs no backend."""
 
@@ -59,7 +66,7 @@ class TPGroup:
         options = dist.AllreduceOptions()
         options.reduceOp = op
         options.asyncOp = False
-        self._live_backend().allreduce([x], options).wait()
+        _wait(self._live_backend().allreduce([x], options))
 
     def broadcast(self, x: torch.Tensor) -> None:
         """Overwrite `x` on every rank with rank 0's `x`."""
@@ -67,7 +74,7 @@ class TPGroup:
         options.rootRank = 0
         options.rootTensor = 0
         options.asyncOp = False
-        self._live_backend().broadcast([x], options).wait()
+        _wait(self._live_backend().broadcast([x], options))
 
     def gather(self, x: torch.Tensor) -> torch.Tensor | None:
         """Every rank's `x` concatenated along the last dim on rank 0; None on the other ranks."""
@@ -75,7 +82,7 @@ class TPGroup:
         options.rootRank = 0
         options.asyncOp = False
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else []
-        self._live_backend().gather([parts] if self.rank == 0 else [], [x], options).wait()
+        _wait(self._live_backend().gather([parts] if self.rank == 0 else [], [x], options))
         return torch.cat(parts, -1) if self.rank == 0 else None
 
     def close(self) -> None:
