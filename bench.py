@@ -151,36 +151,8 @@ class StepProfiler:
         return figures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="HF Qwen3 folder (default: build a random-weight checkpoint)")
-    parser.add_argument("--preset", choices=["tiny", "qwen3-0.6b"], help="checkpoint preset when --model is absent")
-    parser.add_argument("--num-seqs", type=int, default=256)
-    parser.add_argument("--min-input-len", type=int, default=100)
-    parser.add_argument("--max-input-len", type=int, default=1024)
-    parser.add_argument("--min-output-len", type=int, default=100)
-    parser.add_argument("--max-output-len", type=int, default=1024)
-    parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--attention-backend", default="auto")
-    parser.add_argument("--scheduling-policy", default="prefill_first")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--profile", action="store_true", help="per decode step: host time, device busy time, device idle gap")
-    parser.add_argument("--no-overlap", action="store_true", help="disable overlap scheduling (the host waits for each step)")
-    parser.add_argument("--json", help="also write the figures to this file")
-    args = parser.parse_args()
-
-    on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    model, scratch = args.model, None
-    if model is None:
-        preset = args.preset or ("qwen3-0.6b" if on_cuda else "tiny")
-        scratch = tempfile.TemporaryDirectory(prefix="nanovllm-bench-")
-        model = str(make_checkpoint(scratch.name, preset))
-        print(f"no --model: built a random-weight {preset} checkpoint in {model}")
-    llm = LLM(model, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len, tensor_parallel_size=args.tp,
-              attention_backend=args.attention_backend, scheduling_policy=args.scheduling_policy, device=args.device,
-              overlap_scheduling=False if args.no_overlap else None)
+def run_throughput(llm: LLM, args: argparse.Namespace) -> dict:
+    """nano-vLLM's workload: tok/s, % of the measured floor, achieved bandwidth, step profile."""
     workload = make_workload(args, llm.config.hf_config.vocab_size)
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
     profiler = StepProfiler(llm, args.profile)
@@ -194,19 +166,96 @@ def main() -> None:
     matmul_rate = measure_matmul_rate(device, llm.runtime.dtype)
     floor = workload_floor(llm, workload, decode_steps)
     floor_s = floor.seconds(bandwidth, matmul_rate)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     figures = {
-        "device": name, "backend": llm.runtime.attention_backend, "cuda_graphs": llm.runtime.cuda_graphs,
-        "overlap": llm.runtime.overlap, "kv_blocks": llm.runtime.num_kvcache_blocks, "total_tokens": total_tokens, "seconds": round(elapsed, 3),
-        "tok_per_s": round(total_tokens / elapsed, 1), "floor_s": round(floor_s, 3), "pct_of_floor": round(100 * floor_s / elapsed, 1),
+        "total_tokens": total_tokens, "seconds": round(elapsed, 3), "tok_per_s": round(total_tokens / elapsed, 1),
+        "floor_s": round(floor_s, 3), "pct_of_floor": round(100 * floor_s / elapsed, 1),
         "achieved_GBps": round((floor.kv_bytes + floor.weight_bytes * decode_steps) / elapsed / 1e9, 1),
         "copy_GBps": round(bandwidth / 1e9, 1), "matmul_TFLOPs": round(matmul_rate / 1e12, 1), "decode_steps": decode_steps,
-        "preemptions": llm.scheduler.num_preemptions,
+        "preemptions": llm.scheduler.num_preemptions, **profiler.summary(),
     }
-    figures.update(profiler.summary())
     print(f"Total: {total_tokens}tok, Time: {elapsed:.2f}s, Throughput: {total_tokens / elapsed:.2f}tok/s")
     print(f"Floor: {floor_s:.2f}s ({figures['pct_of_floor']}% of floor), achieved {figures['achieved_GBps']} GB/s "
           f"of {figures['copy_GBps']} GB/s copy bandwidth, matmul {figures['matmul_TFLOPs']} TFLOP/s")
+    return figures
+
+
+def run_itl(llm: LLM, args: argparse.Namespace) -> dict:
+    """Long prompts arriving while others decode: 16 sequences decode 128-token prompts, then 8 prompts
+    of `--itl-prompt-len` tokens arrive; reports the inter-token latency of the 16 decoding sequences
+    from that moment on (prefill_first stalls them for whole long prefills; chunked keeps them going)."""
+    seed(1)
+    max_id = min(10000, llm.config.hf_config.vocab_size - 1)
+    decode_params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.itl_decode_tokens)
+    long_params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=16)
+    decoders = [llm.add_request([randint(0, max_id) for _ in range(128)], decode_params, i, stream=True) for i in range(16)]
+    while min(seq.num_output_tokens for seq in decoders) < 8:
+        llm.step()
+    arrival = time.perf_counter()
+    longs = [llm.add_request([randint(0, max_id) for _ in range(args.itl_prompt_len)], long_params, 16 + i, stream=True) for i in range(8)]
+    last_seen = {seq.seq_id: arrival for seq in decoders}
+    gaps: list[float] = []
+    while not llm.is_finished():
+        chunks, _, _ = llm.step()
+        now = time.perf_counter()
+        for chunk in chunks:
+            if chunk.index < 16 and chunk.token_ids:
+                seq_id = decoders[chunk.index].seq_id
+                gaps.append(now - last_seen[seq_id])
+                last_seen[seq_id] = now
+    gaps.sort()
+
+    def percentile_ms(q: float) -> float:
+        return round(1e3 * gaps[min(len(gaps) - 1, int(q * len(gaps)))], 2)
+
+    figures = {"itl_samples": len(gaps), "itl_p50_ms": percentile_ms(0.5), "itl_p99_ms": percentile_ms(0.99),
+               "itl_max_ms": round(1e3 * gaps[-1], 2), "seconds_after_arrival": round(time.perf_counter() - arrival, 3),
+               "long_prompt_tokens": sum(s.num_completion_tokens for s in longs)}
+    print(f"ITL of 16 decoding sequences while 8 x {args.itl_prompt_len}-token prompts arrive: "
+          f"p50 {figures['itl_p50_ms']} ms, p99 {figures['itl_p99_ms']} ms, max {figures['itl_max_ms']} ms")
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="HF Qwen3 folder (default: build a random-weight checkpoint)")
+    parser.add_argument("--preset", choices=["tiny", "qwen3-0.6b"], help="checkpoint preset when --model is absent")
+    parser.add_argument("--num-seqs", type=int, default=256)
+    parser.add_argument("--min-input-len", type=int, default=100)
+    parser.add_argument("--max-input-len", type=int, default=1024)
+    parser.add_argument("--min-output-len", type=int, default=100)
+    parser.add_argument("--max-output-len", type=int, default=1024)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--scheduling-policy", default="prefill_first")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--profile", action="store_true", help="per decode step: host time, device busy time, device idle gap")
+    parser.add_argument("--no-overlap", action="store_true", help="disable overlap scheduling (the host waits for each step)")
+    parser.add_argument("--itl", action="store_true", help="run the long-prompt inter-token-latency workload instead")
+    parser.add_argument("--itl-prompt-len", type=int, default=8192)
+    parser.add_argument("--itl-decode-tokens", type=int, default=512)
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+
+    on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    model, scratch = args.model, None
+    if model is None:
+        preset = args.preset or ("qwen3-0.6b" if on_cuda else "tiny")
+        scratch = tempfile.TemporaryDirectory(prefix="nanovllm-bench-")
+        model = str(make_checkpoint(scratch.name, preset))
+        print(f"no --model: built a random-weight {preset} checkpoint in {model}")
+    llm = LLM(model, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
+              tensor_parallel_size=args.tp, attention_backend=args.attention_backend, scheduling_policy=args.scheduling_policy,
+              device=args.device, overlap_scheduling=False if args.no_overlap else None)
+    device = llm.runtime.device
+    figures = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "backend": llm.runtime.attention_backend,
+        "cuda_graphs": llm.runtime.cuda_graphs, "overlap": llm.runtime.overlap, "policy": args.scheduling_policy,
+        "kv_blocks": llm.runtime.num_kvcache_blocks, "tp": args.tp,
+        **(run_itl(llm, args) if args.itl else run_throughput(llm, args)),
+    }
     print(json.dumps(figures))
     if args.json:
         with open(args.json, "w") as f:
