@@ -236,7 +236,7 @@ def main() -> None:
     parser.add_argument("--itl", action="store_true", help="run the long-prompt inter-token-latency workload instead")
     parser.add_argument("--itl-prompt-len", type=int, default=8192)
     parser.add_argument("--itl-decode-tokens", type=int, default=512)
-    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--json", help="also append the figures to this file, one JSON line per run")
     args = parser.parse_args()
 
     on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -256,10 +256,11 @@ def main() -> None:
         "kv_blocks": llm.runtime.num_kvcache_blocks, "tp": args.tp,
         **(run_itl(llm, args) if args.itl else run_throughput(llm, args)),
     }
-    print(json.dumps(figures))
+    line = json.dumps(figures)
+    print(line)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=1)
+        with open(args.json, "a") as f:
+            f.write(line + "\n")
     llm.exit()
     if scratch is not None:
         scratch.cleanup()
