@@ -1,0 +1,251 @@
+"""Fused Triton kernels for the per-layer elementwise work of a decoder step.
+
+* :func:`rms_norm` -- RMSNorm with an optional residual add (one program per row).
+* :func:`qk_norm_rope` -- per-head RMSNorm of q and k followed by GPT-NeoX rotary, in place.
+* :func:`silu_and_mul` -- ``silu(gate) * up`` of a merged gate/up projection.
+
+Each kernel reproduces the rounding steps of the PyTorch layers it replaces
+(``nanovllm.layers``): math runs in fp32, and every intermediate that PyTorch stores in the
+activation dtype is rounded to that dtype at the same point. The kernels are compiled with
+``enable_fp_fusion=False`` so that ``a * b - c * d`` is not contracted into an FMA, which
+PyTorch's separate kernels never do. No wrapper syncs with the host, so every call can be
+captured in a CUDA graph. Supported dtypes: fp16, bf16, fp32.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    out_ptr,
+    x_stride,
+    residual_stride,
+    out_stride,
+    hidden_size,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Normalise one row.
+
+    Grid: (N,). x, residual, out: [N, hidden_size] with contiguous rows; weight: [hidden_size].
+    With HAS_RESIDUAL the row s = x + residual (rounded to the dtype) replaces the residual row
+    and is the value normalised.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < hidden_size
+    dtype = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + row * residual_stride + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(dtype)
+        tl.store(residual_ptr + row * residual_stride + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / hidden_size + eps)
+    normed = (xf * rstd).to(dtype).to(tl.float32)
+    weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * out_stride + offs, (weight * normed).to(dtype), mask=mask)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``weight * (x * rsqrt(mean(x^2) + eps))`` per row, with an optional residual add first.
+
+    Args:
+        x: [N, H], contiguous last dim (any row stride); fp16, bf16 or fp32.
+        weight: [H], same dtype as x.
+        eps: added to the mean square before the reciprocal square root.
+        residual: optional [N, H] of x's dtype, contiguous last dim. It is overwritten in place
+            with ``s = x + residual`` (rounded to x's dtype, as PyTorch's ``x + residual``).
+
+    Returns:
+        Without residual: ``norm(x)`` [N, H], a new contiguous tensor. With residual:
+        ``(norm(s), s)`` where ``s`` is the ``residual`` tensor itself.
+    """
+    if x.dim() != 2 or x.dtype not in _DTYPES or x.stride(-1) != 1:
+        raise ValueError(f"x must be a [N, H] fp16/bf16/fp32 tensor with a contiguous last dim, got {x.dtype} {tuple(x.shape)}")
+    num_rows, hidden_size = x.shape
+    if weight.shape != (hidden_size,) or weight.dtype != x.dtype:
+        raise ValueError(f"weight must be [{hidden_size}] of {x.dtype}, got {weight.dtype} {tuple(weight.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(-1) != 1):
+        raise ValueError(f"residual must match x {x.dtype} {tuple(x.shape)} with a contiguous last dim, got {residual.dtype} {tuple(residual.shape)}")
+    out = torch.empty((num_rows, hidden_size), dtype=x.dtype, device=x.device)
+    if num_rows:
+        block = triton.next_power_of_2(hidden_size)
+        _rms_norm_kernel[(num_rows,)](
+            x,
+            x if residual is None else residual,
+            weight.contiguous(),
+            out,
+            x.stride(0),
+            0 if residual is None else residual.stride(0),
+            out.stride(0),
+            hidden_size,
+            eps,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK=block,
+            num_warps=min(max(block // 256, 1), 8),
+            enable_fp_fusion=False,
+        )
+    return out if residual is None else (out, residual)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    q_ptr,
+    k_ptr,
+    q_weight_ptr,
+    k_weight_ptr,
+    cos_sin_ptr,
+    positions_ptr,
+    q_stride_n,
+    q_stride_h,
+    k_stride_n,
+    k_stride_h,
+    cos_sin_stride,
+    eps,
+    NUM_Q_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """RMS-normalise one head of one token, then rotate it, in place.
+
+    Grid: (N, NUM_Q_HEADS + num_kv_heads); heads below NUM_Q_HEADS are q's, the rest k's.
+    q: [N, NUM_Q_HEADS, 2 * HALF], k: [N, num_kv_heads, 2 * HALF] (contiguous last dims);
+    q_weight, k_weight: [2 * HALF]; cos_sin: fp32 [max_positions, 2 * HALF] as [cos | sin];
+    positions: [N].
+    """
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    if head < NUM_Q_HEADS:
+        x_ptr = q_ptr + token * q_stride_n + head * q_stride_h
+        weight_ptr = q_weight_ptr
+    else:
+        x_ptr = k_ptr + token * k_stride_n + (head - NUM_Q_HEADS) * k_stride_h
+        weight_ptr = k_weight_ptr
+    dtype = q_ptr.dtype.element_ty
+    offs = tl.arange(0, BLOCK)
+    mask = offs < HALF
+    x1 = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF) + eps)
+    w1 = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w2 = tl.load(weight_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    n1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    n2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    row = cos_sin_ptr + tl.load(positions_ptr + token).to(tl.int64) * cos_sin_stride
+    cos = tl.load(row + offs, mask=mask, other=0.0)
+    sin = tl.load(row + HALF + offs, mask=mask, other=0.0)
+    tl.store(x_ptr + offs, (n1 * cos - n2 * sin).to(dtype), mask=mask)
+    tl.store(x_ptr + HALF + offs, (n2 * cos + n1 * sin).to(dtype), mask=mask)
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos_sin: torch.Tensor,
+    positions: torch.Tensor,
+    eps: float,
+) -> None:
+    """Per-head RMSNorm of q and k followed by GPT-NeoX rotary embedding, in place.
+
+    Each D-vector v becomes ``n = weight * (v * rsqrt(mean(v^2) + eps))`` (rounded to the dtype
+    twice, like RMSNorm), then ``[n1 * cos - n2 * sin, n2 * cos + n1 * sin]`` with n1/n2 its
+    halves, computed in fp32 and written back in the dtype.
+
+    Args:
+        q: [N, Hq, D], contiguous last dim (any token/head strides, e.g. a view of a fused
+            qkv projection output); fp16, bf16 or fp32.
+        k: [N, Hkv, D] of q's dtype, contiguous last dim.
+        q_weight: [D] of q's dtype, the q-norm weight.
+        k_weight: [D] of q's dtype, the k-norm weight.
+        cos_sin: fp32 [max_positions, D], each row ``[cos(D/2) | sin(D/2)]``, contiguous last dim.
+        positions: int32/int64 [N], each in [0, max_positions) (not checked: that needs a sync).
+        eps: the RMSNorm epsilon, shared by q and k.
+    """
+    if q.dim() != 3 or k.dim() != 3 or q.dtype not in _DTYPES or k.dtype != q.dtype:
+        raise ValueError(f"q/k must be [N, H, D] fp16/bf16/fp32 tensors of one dtype, got {q.dtype} {tuple(q.shape)} and {k.dtype} {tuple(k.shape)}")
+    num_tokens, num_q_heads, head_dim = q.shape
+    if k.shape[0] != num_tokens or k.shape[2] != head_dim or head_dim % 2:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} need equal N and an equal, even D")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin.stride(-1) != 1:
+        raise ValueError("q, k and cos_sin need a contiguous last dimension")
+    for name, weight in (("q_weight", q_weight), ("k_weight", k_weight)):
+        if weight.shape != (head_dim,) or weight.dtype != q.dtype:
+            raise ValueError(f"{name} must be [{head_dim}] of {q.dtype}, got {weight.dtype} {tuple(weight.shape)}")
+    if cos_sin.dim() != 2 or cos_sin.shape[1] != head_dim or cos_sin.dtype != torch.float32:
+        raise ValueError(f"cos_sin must be fp32 [max_positions, {head_dim}], got {cos_sin.dtype} {tuple(cos_sin.shape)}")
+    if positions.shape != (num_tokens,) or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"positions must be int32/int64 [{num_tokens}], got {positions.dtype} {tuple(positions.shape)}")
+    if num_tokens == 0:
+        return
+    _qk_norm_rope_kernel[(num_tokens, num_q_heads + k.shape[1])](
+        q,
+        k,
+        q_weight.contiguous(),
+        k_weight.contiguous(),
+        cos_sin,
+        positions,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        cos_sin.stride(0),
+        eps,
+        NUM_Q_HEADS=num_q_heads,
+        HALF=head_dim // 2,
+        BLOCK=triton.next_power_of_2(head_dim // 2),
+        num_warps=1,
+        enable_fp_fusion=False,
+    )
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, intermediate_size, BLOCK: tl.constexpr):
+    """One BLOCK-wide column tile of one row.
+
+    Grid: (N, cdiv(intermediate_size, BLOCK)). x: [N, 2 * intermediate_size] as [gate | up];
+    out: [N, intermediate_size]; both with contiguous rows.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < intermediate_size
+    dtype = x_ptr.dtype.element_ty
+    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * x_stride + intermediate_size + cols, mask=mask, other=0.0).to(tl.float32)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    tl.store(out_ptr + row * out_stride + cols, (silu * up).to(dtype), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for x = [gate | up].
+
+    silu runs in fp32 and is rounded to the dtype before the product (as ``F.silu(gate) * up``).
+
+    Args:
+        x: [N, 2 * I], contiguous last dim (any row stride); fp16, bf16 or fp32.
+
+    Returns:
+        A new contiguous [N, I] tensor of x's dtype.
+    """
+    if x.dim() != 2 or x.shape[1] % 2 or x.dtype not in _DTYPES or x.stride(-1) != 1:
+        raise ValueError(f"x must be a [N, 2 * I] fp16/bf16/fp32 tensor with a contiguous last dim, got {x.dtype} {tuple(x.shape)}")
+    num_rows, intermediate_size = x.shape[0], x.shape[1] // 2
+    out = torch.empty((num_rows, intermediate_size), dtype=x.dtype, device=x.device)
+    if num_rows and intermediate_size:
+        block = min(triton.next_power_of_2(intermediate_size), 1024)
+        _silu_and_mul_kernel[(num_rows, triton.cdiv(intermediate_size, block))](
+            x, out, x.stride(0), out.stride(0), intermediate_size, BLOCK=block, num_warps=4
+        )
+    return out
