@@ -237,10 +237,7 @@ class LLMEngine:
                 at = find_stop(detok.text, params.stop, old_len)
                 if at != -1:
                     detok.text = detok.text[:at]
-                    if seq.is_finished:
-                        seq.finish_reason = "stop"
-                    else:
-                        self.scheduler.finish(seq, "stop")
+                    self.scheduler.finish(seq, "stop")
         if not request.stream:
             return StreamChunk(request.index, "", [], True, seq.finish_reason) if seq.is_finished else None
         text = detok.text

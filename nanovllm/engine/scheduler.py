@@ -185,12 +185,17 @@ class Scheduler:
         return None
 
     def abort(self, seq: Sequence) -> None:
-        """Remove an unfinished sequence from whichever queue holds it and free its blocks."""
-        self.finish(seq, "abort")
+        """Remove an unfinished sequence from whichever queue holds it and free its blocks (no-op once finished)."""
+        if not seq.is_finished:
+            self.finish(seq, "abort")
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End a sequence after its newest known token: free its blocks and drop tokens still pending
-        (computed speculatively by a step in flight; their outputs are discarded)."""
+        (computed speculatively by a step in flight; their outputs are discarded). On a sequence
+        that already finished, only the reason changes (a stop string found in its last text)."""
+        if seq.is_finished:
+            seq.finish_reason = reason
+            return
         queue = self.running if seq.status == SequenceStatus.RUNNING else self.waiting
         queue.remove(seq)
         self.block_manager.deallocate(seq)
