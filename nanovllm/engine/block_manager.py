@@ -91,20 +91,23 @@ class BlockManager:
         revived = sum(1 for block_id in hit_ids if self.blocks[block_id].ref_count == 0)
         return seq.num_blocks_for(num_positions) - len(hit_ids) + revived
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Whether a waiting sequence (no blocks yet) can get its cached prefix plus `num_new_tokens` slots."""
-        hit_ids, _ = self.match_prefix(seq)
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, prefix: tuple[list[int], list[int]] | None = None) -> bool:
+        """Whether a waiting sequence (no blocks yet) can get its cached prefix plus `num_new_tokens` slots.
+
+        `prefix` is `match_prefix(seq)` when the caller already has it (nothing changed since).
+        """
+        hit_ids, _ = prefix or self.match_prefix(seq)
         return self._blocks_to_take(seq, hit_ids, num_new_tokens) <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+    def allocate(self, seq: Sequence, num_new_tokens: int, prefix: tuple[list[int], list[int]] | None = None) -> None:
         """Give a waiting sequence its cached prefix and room for `num_new_tokens` more positions.
 
-        Precondition: `can_allocate(seq, num_new_tokens)`. Sets `num_cached_tokens` and
-        `num_computed_tokens` to the hit length.
+        Precondition: `can_allocate(seq, num_new_tokens)`; `prefix` as there. Sets
+        `num_cached_tokens` and `num_computed_tokens` to the hit length.
         """
         if seq.block_table:
             raise RuntimeError(f"sequence {seq.seq_id} already holds blocks")
-        hit_ids, hit_hashes = self.match_prefix(seq)
+        hit_ids, hit_hashes = prefix or self.match_prefix(seq)
         if self._blocks_to_take(seq, hit_ids, num_new_tokens) > self.num_free_blocks:
             raise RuntimeError(f"not enough free KV blocks for sequence {seq.seq_id}")
         for block_id in hit_ids:

@@ -87,14 +87,14 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending_tokens:
                 break  # preempted while its token was in flight: recompute once the token is known
-            hit_ids, _ = bm.match_prefix(seq)
-            remaining = seq.num_tokens - len(hit_ids) * bm.block_size
+            prefix = bm.match_prefix(seq)
+            remaining = seq.num_tokens - len(prefix[0]) * bm.block_size
             if remaining > budget and not self.chunked:
                 break
             num_new = min(remaining, budget)
-            if not bm.can_allocate(seq, num_new):
+            if not bm.can_allocate(seq, num_new, prefix):
                 break
-            bm.allocate(seq, num_new)
+            bm.allocate(seq, num_new, prefix)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -44,9 +44,6 @@ class Sequence:
         self.num_preemptions = 0
         self.num_pending_tokens = 0
 
-    def __len__(self) -> int:
-        return len(self.token_ids)
-
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)

@@ -9,9 +9,9 @@ from nanovllm.utils.parallel import tp_group, tp_size
 
 
 class LinearBase(nn.Module):
-    """y = x W^T (+ b). `tp_dim` is the weight dim that is sharded (0: output, 1: input, None: replicated)."""
+    """y = x W^T (+ b). `tp_dim` is the weight dim that is sharded (0: output, 1: input)."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None) -> None:
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int) -> None:
         super().__init__()
         self.tp_dim = tp_dim
         self.group = tp_group()
@@ -26,7 +26,7 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        if self.tp_dim is not None and param.dim() > self.tp_dim:
+        if param.dim() > self.tp_dim:
             size = param.size(self.tp_dim)
             loaded = take_shard(loaded, self.tp_dim, self.tp_rank, size, size * self.tp_size)
         _copy_checked(param.data, loaded)
@@ -46,11 +46,6 @@ def _copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
     if dst.shape != src.shape:
         raise ValueError(f"checkpoint tensor of shape {tuple(src.shape)} does not fit parameter of shape {tuple(dst.shape)}")
     dst.copy_(src)
-
-
-class ReplicatedLinear(LinearBase):
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
-        super().__init__(input_size, output_size, bias, None)
 
 
 class ColumnParallelLinear(LinearBase):
