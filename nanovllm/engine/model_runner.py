@@ -273,7 +273,8 @@ class ModelRunner:
             return self._to_device(np.asarray(values, dtype=dtype))
 
         temperatures = device_array([0.0 if p.greedy else p.temperature for p in params], np.float32)
-        tensors = SamplingTensors(temperatures, all_greedy=all(p.greedy for p in params))
+        greedy = [p.greedy for p in params]
+        tensors = SamplingTensors(temperatures, all_greedy=all(greedy), any_greedy=any(greedy))
         if not tensors.all_greedy:
             if any(p.top_k > 0 for p in params):
                 tensors.top_k = device_array([p.top_k if p.top_k > 0 else self.vocab_size for p in params], np.int64)

@@ -22,7 +22,8 @@ class SamplingTensors:
     temperatures [B] (0 = greedy), top_k [B] int64 (vocab size = off), top_p [B] (1 = off),
     min_p [B] (0 = off); seeded rows: seed_rows [S], their seeds [S] and the positions [S] of the
     tokens they sample; banned [2, K] (row, token id) pairs whose logits become -inf.
-    max_logprobs: -1 = no logprobs, else the number of top tokens to return.
+    max_logprobs: -1 = no logprobs, else the number of top tokens to return. any_greedy=False
+    (no greedy row) skips the argmax pass over the raw logits.
     """
 
     temperatures: torch.Tensor
@@ -34,6 +35,7 @@ class SamplingTensors:
     positions: torch.Tensor | None = None
     banned: torch.Tensor | None = None
     all_greedy: bool = False
+    any_greedy: bool = True
     max_logprobs: int = -1
 
 
@@ -80,9 +82,8 @@ class Sampler(nn.Module):
         logprobs = logits.log_softmax(-1) if params.max_logprobs >= 0 else None
         if params.banned is not None:
             logits = logits.index_put((params.banned[0], params.banned[1]), logits.new_tensor(float("-inf")))
-        greedy = logits.argmax(-1)
         if params.all_greedy:
-            token_ids = greedy
+            token_ids = logits.argmax(-1)
         else:
             temperatures = params.temperatures
             scaled = logits / torch.where(temperatures > 0, temperatures, 1.0).unsqueeze(1)
@@ -92,7 +93,7 @@ class Sampler(nn.Module):
                 noise[params.seed_rows] = seeded_exponentials(params.seeds, params.positions, probs.shape[1])
             # A zero draw would turn a masked token's 0 / 0 into NaN, which argmax would pick.
             sampled = (probs / noise.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(-1)
-            token_ids = torch.where(temperatures > 0, sampled, greedy)
+            token_ids = torch.where(temperatures > 0, sampled, logits.argmax(-1)) if params.any_greedy else sampled
         if logprobs is None:
             return SamplerOutput(token_ids)
         sampled_logprobs = logprobs.gather(1, token_ids[:, None]).squeeze(1)
