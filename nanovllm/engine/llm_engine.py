@@ -18,7 +18,7 @@ from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampler import SamplerOutput
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.parallel import TPGroup, create_store
+from nanovllm.utils.parallel import create_store
 
 Prompt = str | list[int]
 
@@ -51,11 +51,13 @@ class Request:
         return self.stream or bool(self.seq.sampling_params.stop)
 
 
-def _shut_down_tp(group: TPGroup, workers: Workers | None) -> None:
-    """Stop the tensor-parallel workers, then release rank 0's process group."""
+def _shut_down_tp(runner: ModelRunner, workers: Workers | None) -> None:
+    """Release the process group on every rank at once (NCCL's teardown is collective), then stop the workers."""
+    if workers is not None:
+        workers.request_shutdown()
+    runner.close()
     if workers is not None:
         workers.close()
-    group.close()
 
 
 class LLMEngine:
@@ -68,7 +70,7 @@ class LLMEngine:
         self.model_runner = self._start_model_runners()
         # Runs once: on exit(), when the engine is garbage-collected, or at interpreter exit.
         # It holds what must be released, never the engine itself.
-        self._shut_down = weakref.finalize(self, _shut_down_tp, self.model_runner.group, self.workers)
+        self._shut_down = weakref.finalize(self, _shut_down_tp, self.model_runner, self.workers)
         self.runtime = self.model_runner.info
         self.scheduler = Scheduler(self.config, self.runtime.num_kvcache_blocks, self.eos_token_id)
         self.requests: dict[int, Request] = {}

@@ -368,7 +368,16 @@ class ModelRunner:
             raise
 
     def close(self) -> None:
-        """Release this rank's process group (its connections and, on rank 0, the store's port)."""
+        """Release this rank's process group (its connections and, on rank 0, the store's port).
+
+        The CUDA graphs go first: a graph that captured NCCL collectives holds a reference on the
+        communicator, and NCCL's teardown waits for every such reference to be dropped.
+        """
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         self.group.close()
 
     # ---- CUDA graphs ------------------------------------------------------------------------

@@ -183,8 +183,9 @@ class Workers:
             self.error = f"{reason}; the tensor-parallel workers were stopped and this engine cannot run any more (create a new LLM)"
             self._stop(grace_s=0.0)
 
-    def close(self) -> None:
-        """Ask the workers to exit, wait for them (terminating stragglers) and unlink the segment. Idempotent."""
+    def request_shutdown(self) -> None:
+        """Ask the workers to leave their command loop and release their share of the process group,
+        without waiting for them (rank 0 releases its share meanwhile). No-op after a failure. Idempotent."""
         if self.error is not None:
             return
         try:
@@ -192,6 +193,10 @@ class Workers:
         except RuntimeError:
             return  # abort() has already stopped everything
         self.error = "the engine has been shut down"
+
+    def close(self) -> None:
+        """Request the shutdown if not done yet, wait for the workers (terminating stragglers) and unlink the segment. Idempotent."""
+        self.request_shutdown()
         self._stop(grace_s=JOIN_TIMEOUT_S)
 
     def _stop(self, grace_s: float) -> None:

@@ -7,6 +7,8 @@ capture the group that is current while the model is built (`building_with`).
 """
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -23,6 +25,10 @@ HOST = "127.0.0.1"
 # Store connection and collective timeout. Dead workers are normally noticed much sooner,
 # by the liveness checks of `nanovllm.engine.rpc.Workers`.
 TIMEOUT = timedelta(seconds=60)
+# How long a rank waits for the other ranks in NCCL's collective teardown.
+SHUTDOWN_TIMEOUT = timedelta(seconds=15)
+
+logger = logging.getLogger("nanovllm")
 
 
 def create_store(size: int, port: int = 0) -> dist.TCPStore:
@@ -86,10 +92,22 @@ class TPGroup:
         return torch.cat(parts, -1) if self.rank == 0 else None
 
     def close(self) -> None:
-        """Shut the backend down: its connections, and with them the store and its port, are released. Idempotent."""
+        """Shut the backend down: its connections, and with them the store and its port, are released. Idempotent.
+
+        NCCL's teardown is collective: every rank calls this at about the same time. It would block
+        for ever if a peer is gone, so it runs in a daemon thread given SHUTDOWN_TIMEOUT to finish.
+        """
         backend, self.backend = self.backend, None
-        if backend is not None:
-            backend.shutdown()
+        if backend is None:
+            return
+        if not isinstance(backend, dist.ProcessGroupGloo):
+            teardown = threading.Thread(target=backend.shutdown, name="nanovllm-nccl-shutdown", daemon=True)
+            teardown.start()
+            teardown.join(SHUTDOWN_TIMEOUT.total_seconds())
+            if teardown.is_alive():
+                logger.warning("rank %d: the NCCL process group did not shut down within %s (a peer is gone?); left behind", self.rank, SHUTDOWN_TIMEOUT)
+            return
+        backend.shutdown()
 
 
 _current: ContextVar[TPGroup] = ContextVar("tp_group", default=TPGroup())
