@@ -104,6 +104,7 @@ class StepProfiler:
     def __init__(self, llm: LLM, gpu_timeline: bool) -> None:
         self.decode_steps = 0
         self.host_s: list[float] = []
+        self.prefill_only_s: list[float] = []
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event, bool]] = []
         self._step = llm.step
         llm.step = self._timed_step
@@ -128,14 +129,19 @@ class StepProfiler:
     def _timed_step(self):
         start = time.perf_counter()
         chunks, num_prefill, num_decode = self._step()
+        elapsed = time.perf_counter() - start
         if num_decode:
             self.decode_steps += 1
-            self.host_s.append(time.perf_counter() - start)
+            self.host_s.append(elapsed)
+        else:
+            self.prefill_only_s.append(elapsed)
         return chunks, num_prefill, num_decode
 
     def summary(self) -> dict:
-        """Mean decode-step figures: host wall time per step() call, device busy time, device idle gap before the step."""
-        figures = {"host_step_ms": round(1e3 * sum(self.host_s) / max(len(self.host_s), 1), 3)}
+        """Mean decode-step figures: host wall time per step() call, device busy time, device idle gap before
+        the step; and the steps without any decode (prefill only): how many, total host wall time."""
+        figures = {"host_step_ms": round(1e3 * sum(self.host_s) / max(len(self.host_s), 1), 3),
+                   "prefill_only_steps": len(self.prefill_only_s), "prefill_only_s": round(sum(self.prefill_only_s), 3)}
         if not self.events:
             return figures
         torch.cuda.synchronize()

@@ -55,7 +55,9 @@ def _kv_tile_offsets(
     return block * cache_stride_block + in_page * cache_stride_token
 
 
-@triton.jit
+# Integer arguments that change from step to step are not specialised (Triton would compile a
+# variant for values equal to 1 or divisible by 16), so a kernel compiles once per model.
+@triton.jit(do_not_specialize=["num_seqs", "bt_stride"])
 def _varlen_kernel(
     q_ptr,
     k_cache_ptr,
@@ -186,7 +188,7 @@ def _varlen_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bt_stride"])
 def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,
