@@ -195,10 +195,11 @@ def run_itl(llm: LLM, args: argparse.Namespace) -> dict:
     decode_params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.itl_decode_tokens)
     long_params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=16)
     decoders = [llm.add_request([randint(0, max_id) for _ in range(128)], decode_params, i, stream=True) for i in range(16)]
+    long_prompts = [[randint(0, max_id) for _ in range(args.itl_prompt_len)] for _ in range(8)]
     while min(seq.num_output_tokens for seq in decoders) < 8:
         llm.step()
     arrival = time.perf_counter()
-    longs = [llm.add_request([randint(0, max_id) for _ in range(args.itl_prompt_len)], long_params, 16 + i, stream=True) for i in range(8)]
+    longs = [llm.add_request(prompt, long_params, 16 + i, stream=True) for i, prompt in enumerate(long_prompts)]
     last_seen = {seq.seq_id: arrival for seq in decoders}
     gaps: list[float] = []
     while not all(seq.is_finished for seq in longs):
@@ -225,6 +226,34 @@ def run_itl(llm: LLM, args: argparse.Namespace) -> dict:
     return figures
 
 
+def run_kernel_profile(llm: LLM, args: argparse.Namespace) -> dict:
+    """Device time per kernel over `--kernel-profile` decode steps of `--num-seqs` sequences with
+    512-token prompts (after 10 unprofiled decode steps), from torch.profiler's CUDA activity."""
+    seed(2)
+    max_id = min(10000, llm.config.hf_config.vocab_size - 1)
+    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.kernel_profile + 20)
+    seqs = [llm.add_request([randint(0, max_id) for _ in range(512)], params, i) for i in range(args.num_seqs)]
+    while min(seq.num_output_tokens for seq in seqs) < 10:
+        llm.step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(args.kernel_profile):
+            llm.step()
+        torch.cuda.synchronize()
+    while not llm.is_finished():
+        llm.step()
+    kernels = sorted((e for e in profiler.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0),
+                     key=lambda e: -e.device_time_total)
+    total_ms = sum(e.device_time_total for e in kernels) / 1e3 / args.kernel_profile
+    print(f"device time of one decode step at batch {args.num_seqs}: {total_ms:.3f} ms")
+    top = []
+    for e in kernels[:15]:
+        ms = e.device_time_total / 1e3 / args.kernel_profile
+        top.append([e.key[:80], round(ms, 3), e.count // args.kernel_profile])
+        print(f"{ms:8.3f} ms {100 * ms / total_ms:5.1f}% x{e.count // args.kernel_profile:<4} {e.key[:100]}")
+    return {"profiled_steps": args.kernel_profile, "kernel_ms_per_step": round(total_ms, 3), "top_kernels": top}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="HF Qwen3 folder (default: build a random-weight checkpoint)")
@@ -246,6 +275,8 @@ def main() -> None:
     parser.add_argument("--itl", action="store_true", help="run the long-prompt inter-token-latency workload instead")
     parser.add_argument("--itl-prompt-len", type=int, default=8192)
     parser.add_argument("--itl-decode-tokens", type=int, default=512)
+    parser.add_argument("--kernel-profile", type=int, default=0, metavar="N",
+                        help="instead: per-kernel device time over N decode steps at batch --num-seqs (CUDA)")
     parser.add_argument("--json", help="also append the figures to this file, one JSON line per run")
     args = parser.parse_args()
 
@@ -264,7 +295,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "backend": llm.runtime.attention_backend,
         "cuda_graphs": llm.runtime.cuda_graphs, "overlap": llm.runtime.overlap, "policy": args.scheduling_policy,
         "kv_blocks": llm.runtime.num_kvcache_blocks, "tp": args.tp,
-        **(run_itl(llm, args) if args.itl else run_throughput(llm, args)),
+        **(run_itl(llm, args) if args.itl else run_kernel_profile(llm, args) if args.kernel_profile else run_throughput(llm, args)),
     }
     line = json.dumps(figures)
     print(line)
