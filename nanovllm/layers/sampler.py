@@ -3,7 +3,8 @@
 All rows are processed together on the device; greedy rows take the exact argmax of the
 logits. Random rows use the exponential race (argmax of p / E, E ~ Exp(1)), which draws from p.
 Rows with a seed take E from a counter-based hash of (seed, position, token id), so their draws
-do not depend on what else is in the batch.
+do not depend on what else is in the batch. On CUDA, a batch without filters or seeds (the usual
+case) is sampled by one fused kernel (`nanovllm.kernels.sampling`) instead of six passes.
 """
 from __future__ import annotations
 
@@ -78,22 +79,17 @@ def seeded_exponentials(seeds: torch.Tensor, positions: torch.Tensor, vocab_size
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, params: SamplingTensors) -> SamplerOutput:
         """logits [B, V] (any float dtype) -> sampled token ids [B] and, if asked, raw-logit logprobs."""
-        logits = logits.float()
-        logprobs = logits.log_softmax(-1) if params.max_logprobs >= 0 else None
+        logprobs = logits.float().log_softmax(-1) if params.max_logprobs >= 0 else None
         if params.banned is not None:
             logits = logits.index_put((params.banned[0], params.banned[1]), logits.new_tensor(float("-inf")))
         if params.all_greedy:
             token_ids = logits.argmax(-1)
+        elif logits.is_cuda and params.top_k is None and params.top_p is None and params.min_p is None and params.seeds is None:
+            from nanovllm.kernels import sampling
+
+            token_ids = sampling.sample(logits, params.temperatures, int(torch.randint(2**31, ()).item()))
         else:
-            temperatures = params.temperatures
-            scaled = logits / torch.where(temperatures > 0, temperatures, 1.0).unsqueeze(1)
-            probs = self._filter(scaled, params).softmax(-1)
-            noise = torch.empty_like(probs).exponential_()
-            if params.seeds is not None:
-                noise[params.seed_rows] = seeded_exponentials(params.seeds, params.positions, probs.shape[1])
-            # A zero draw would turn a masked token's 0 / 0 into NaN, which argmax would pick.
-            sampled = (probs / noise.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(-1)
-            token_ids = torch.where(temperatures > 0, sampled, logits.argmax(-1)) if params.any_greedy else sampled
+            token_ids = self._race(logits.float(), params)
         if logprobs is None:
             return SamplerOutput(token_ids)
         sampled_logprobs = logprobs.gather(1, token_ids[:, None]).squeeze(1)
@@ -101,6 +97,18 @@ class Sampler(nn.Module):
             return SamplerOutput(token_ids, sampled_logprobs)
         top_logprobs, top_ids = logprobs.topk(params.max_logprobs, -1)
         return SamplerOutput(token_ids, sampled_logprobs, top_ids, top_logprobs)
+
+    def _race(self, logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+        """The exponential race over the filtered distribution (greedy rows: argmax). logits float32 [B, V]."""
+        temperatures = params.temperatures
+        scaled = logits / torch.where(temperatures > 0, temperatures, 1.0).unsqueeze(1)
+        probs = self._filter(scaled, params).softmax(-1)
+        noise = torch.empty_like(probs).exponential_()
+        if params.seeds is not None:
+            noise[params.seed_rows] = seeded_exponentials(params.seeds, params.positions, probs.shape[1])
+        # A zero draw would turn a masked token's 0 / 0 into NaN, which argmax would pick.
+        sampled = (probs / noise.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(-1)
+        return torch.where(temperatures > 0, sampled, logits.argmax(-1)) if params.any_greedy else sampled
 
     @staticmethod
     def _filter(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
