@@ -100,14 +100,14 @@ class TPGroup:
         backend, self.backend = self.backend, None
         if backend is None:
             return
-        if not isinstance(backend, dist.ProcessGroupGloo):
-            teardown = threading.Thread(target=backend.shutdown, name="nanovllm-nccl-shutdown", daemon=True)
-            teardown.start()
-            teardown.join(SHUTDOWN_TIMEOUT.total_seconds())
-            if teardown.is_alive():
-                logger.warning("rank %d: the NCCL process group did not shut down within %s (a peer is gone?); left behind", self.rank, SHUTDOWN_TIMEOUT)
+        if isinstance(backend, dist.ProcessGroupGloo):
+            backend.shutdown()
             return
-        backend.shutdown()
+        teardown = threading.Thread(target=backend.shutdown, name="nanovllm-nccl-shutdown", daemon=True)
+        teardown.start()
+        teardown.join(SHUTDOWN_TIMEOUT.total_seconds())
+        if teardown.is_alive():
+            logger.warning("rank %d: the NCCL process group did not shut down within %s (a peer is gone?); left behind", self.rank, SHUTDOWN_TIMEOUT)
 
 
 _current: ContextVar[TPGroup] = ContextVar("tp_group", default=TPGroup())
