@@ -241,3 +241,31 @@ def test_workers_exit_when_the_parent_is_killed(tiny_model):
         process.communicate(timeout=60)
     # The workers see their command pipe close; rank 0's resource tracker then unlinks the segment.
     assert wait_until(lambda: not leftovers(prefix, pids), timeout=20), leftovers(prefix, pids)
+
+
+def test_nccl_teardown_is_bounded_when_a_peer_never_joins(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A non-gloo backend (NCCL) is shut down in a daemon thread: a teardown that waits for a dead
+    peer costs SHUTDOWN_TIMEOUT and a warning, never a hung exit; a finished one returns at once."""
+    import threading
+    from datetime import timedelta
+
+    class Backend:
+        def __init__(self, blocks: bool) -> None:
+            self.blocks, self.called = blocks, threading.Event()
+
+        def shutdown(self) -> None:
+            self.called.set()
+            if self.blocks:
+                threading.Event().wait(5)  # a peer that never comes (bounded, so a regression fails instead of hanging)
+
+    monkeypatch.setattr(parallel, "SHUTDOWN_TIMEOUT", timedelta(seconds=0.3))
+    for blocks in (False, True):
+        backend = Backend(blocks)
+        group = parallel.TPGroup(1, 2, backend)
+        start = time.monotonic()
+        group.close()
+        group.close()
+        elapsed = time.monotonic() - start
+        assert backend.called.is_set() and group.backend is None
+        assert (0.3 <= elapsed < 2) if blocks else elapsed < 0.3, elapsed
+    assert "did not shut down within" in caplog.text
