@@ -28,10 +28,15 @@ class Workload:
     params: list[SamplingParams]
 
 
+def max_prompt_id(vocab_size: int) -> int:
+    """nano-vLLM draws prompt token ids in [0, 10000]; capped below the vocabulary size of small models."""
+    return min(10000, vocab_size - 1)
+
+
 def make_workload(args: argparse.Namespace, vocab_size: int) -> Workload:
-    """nano-vLLM's draws (token ids in [0, 10000], capped below the vocabulary size of small models)."""
+    """nano-vLLM's draws."""
     seed(0)
-    max_id = min(10000, vocab_size - 1)
+    max_id = max_prompt_id(vocab_size)
     prompts = [[randint(0, max_id) for _ in range(randint(args.min_input_len, args.max_input_len))] for _ in range(args.num_seqs)]
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(args.min_output_len, args.max_output_len)) for _ in range(args.num_seqs)]
     return Workload(prompts, params)
@@ -191,7 +196,7 @@ def run_itl(llm: LLM, args: argparse.Namespace) -> dict:
     while any long prompt is unfinished (prefill_first stalls them for whole long prefills; chunked
     keeps them going). Gaps after the long prompts are done would only dilute the percentiles."""
     seed(1)
-    max_id = min(10000, llm.config.hf_config.vocab_size - 1)
+    max_id = max_prompt_id(llm.config.hf_config.vocab_size)
     decode_params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.itl_decode_tokens)
     long_params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=16)
     decoders = [llm.add_request([randint(0, max_id) for _ in range(128)], decode_params, i, stream=True) for i in range(16)]
@@ -230,7 +235,7 @@ def run_kernel_profile(llm: LLM, args: argparse.Namespace) -> dict:
     """Device time per kernel over `--kernel-profile` decode steps of `--num-seqs` sequences with
     512-token prompts (after 10 unprofiled decode steps), from torch.profiler's CUDA activity."""
     seed(2)
-    max_id = min(10000, llm.config.hf_config.vocab_size - 1)
+    max_id = max_prompt_id(llm.config.hf_config.vocab_size)
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.kernel_profile + 20)
     seqs = [llm.add_request([randint(0, max_id) for _ in range(512)], params, i) for i in range(args.num_seqs)]
     while min(seq.num_output_tokens for seq in seqs) < 10:

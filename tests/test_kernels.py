@@ -156,9 +156,6 @@ VARLEN_CASES = [
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype,block_size,head_dim,group", VARLEN_CASES)
 def test_paged_attention_varlen_mixed(dtype: torch.dtype, block_size: int, head_dim: int, group: int) -> None:
-    device = _device(dtype)
-    from nanovllm.kernels.paged_attention import paged_attention_varlen
-
     torch.manual_seed(block_size * head_dim + group)
     num_kv_heads = 2
     num_q_heads = num_kv_heads * group
@@ -175,12 +172,33 @@ def test_paged_attention_varlen_mixed(dtype: torch.dtype, block_size: int, head_
         (0, 1),
         (5, 200),
     ]
+    _check_varlen(batch, dtype, block_size, head_dim, num_kv_heads, num_q_heads, padding=3)
+
+
+@pytest.mark.cuda
+def test_paged_attention_varlen_many_sequences() -> None:
+    """More sequences than one vector load of the kernel's sequence lookup covers."""
+    torch.manual_seed(300)
+    q_lens = torch.randint(0, 5, (300,)).tolist()
+    q_lens[-1] = 70
+    contexts = torch.randint(0, 40, (300,)).tolist()
+    _check_varlen(list(zip(contexts, q_lens)), torch.float16, 16, 64, num_kv_heads=2, num_q_heads=4, padding=0)
+
+
+def _check_varlen(
+    batch: list[tuple[int, int]], dtype: torch.dtype, block_size: int, head_dim: int, num_kv_heads: int, num_q_heads: int, padding: int
+) -> None:
+    """Run paged_attention_varlen on `batch` ((cached context, new tokens) per sequence) with `padding`
+    extra query rows after the last token, and compare with the reference; padding rows stay untouched."""
+    device = _device(dtype)
+    from nanovllm.kernels.paged_attention import paged_attention_varlen
+
     seq_lens = [c + n for c, n in batch]
     cu = [0]
     for _, n in batch:
         cu.append(cu[-1] + n)
     k_cache, v_cache, block_tables = _paged_cache(seq_lens, block_size, num_kv_heads, head_dim, dtype, device)
-    num_tokens = cu[-1] + 3
+    num_tokens = cu[-1] + padding
     q = _strided_q(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, device)
     out = torch.full((num_tokens, num_q_heads, head_dim), float("nan"), dtype=dtype, device=device)
     scale = head_dim**-0.5
@@ -200,42 +218,6 @@ def test_paged_attention_varlen_mixed(dtype: torch.dtype, block_size: int, head_
     assert not out[: cu[-1]].isnan().any()
     assert out[cu[-1] :].isnan().all()
     assert _rel_err(out[: cu[-1]], ref[: cu[-1]]) <= TOLERANCE[dtype]
-
-
-@pytest.mark.cuda
-def test_paged_attention_varlen_many_sequences() -> None:
-    """More sequences than one vector load of the kernel's sequence lookup covers."""
-    dtype, block_size, head_dim, num_kv_heads, num_q_heads = torch.float16, 16, 64, 2, 4
-    device = _device(dtype)
-    from nanovllm.kernels.paged_attention import paged_attention_varlen
-
-    torch.manual_seed(300)
-    q_lens = torch.randint(0, 5, (300,)).tolist()
-    q_lens[-1] = 70
-    contexts = torch.randint(0, 40, (300,)).tolist()
-    seq_lens = [c + n for c, n in zip(contexts, q_lens)]
-    cu = [0]
-    for n in q_lens:
-        cu.append(cu[-1] + n)
-    k_cache, v_cache, block_tables = _paged_cache(seq_lens, block_size, num_kv_heads, head_dim, dtype, device)
-    q = _strided_q(cu[-1], num_q_heads, num_kv_heads, head_dim, dtype, device)
-    out = torch.full((cu[-1], num_q_heads, head_dim), float("nan"), dtype=dtype, device=device)
-    scale = head_dim**-0.5
-
-    paged_attention_varlen(
-        q,
-        k_cache,
-        v_cache,
-        out,
-        torch.tensor(cu, dtype=torch.int32, device=device),
-        torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables,
-        max(q_lens),
-        scale,
-    )
-    ref = _reference(q, k_cache, v_cache, cu, seq_lens, block_tables, scale)
-    assert not out.isnan().any()
-    assert _rel_err(out, ref) <= TOLERANCE[dtype]
 
 
 DECODE_CASES = [
