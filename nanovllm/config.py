@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 
 from transformers import AutoConfig, PretrainedConfig
 
+from nanovllm.models.registry import check_supported
+
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTENTION_BACKENDS = ("auto", "flash_attn", "triton", "torch")
@@ -92,12 +94,15 @@ class Config:
             )
         hf_config = AutoConfig.from_pretrained(self.model)
         object.__setattr__(self, "hf_config", hf_config)
+        check_supported(hf_config, self.max_model_len)
         max_positions = getattr(hf_config, "max_position_embeddings", None)
         if max_positions is not None and self.max_model_len > max_positions:
             raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's max_position_embeddings ({max_positions})")
         tp = self.tensor_parallel_size
-        for name in ("num_attention_heads", "num_key_value_heads", "vocab_size", "intermediate_size"):
-            size = getattr(hf_config, name)
+        for name in ("num_attention_heads", "num_key_value_heads", "vocab_size", "intermediate_size", "moe_intermediate_size"):
+            size = getattr(hf_config, name, None)
+            if size is None:
+                continue
             # With fewer KV heads than ranks, each KV head is replicated on tp / num_key_value_heads ranks.
             if size % tp and not (name == "num_key_value_heads" and tp % size == 0):
                 raise ValueError(f"tensor_parallel_size ({tp}) must divide {name} ({size})")

@@ -1,9 +1,11 @@
-"""Deterministic maker of Hugging Face-format Qwen3 checkpoints with random weights.
+"""Deterministic maker of Hugging Face-format checkpoints with random weights, for every supported family.
 
-Used by the tests (the fp32 ``tiny`` preset) and by GPU benchmarks (``qwen3-0.6b``: the real
-Qwen3-0.6B architecture with random bf16 weights). Everything is built locally: a byte-level
-BPE tokenizer trained on a small built-in text, ``config.json``, ``generation_config.json``
-and ``model.safetensors``. The same preset and seed always give byte-identical files.
+Used by the tests (fp32 ``tiny*`` presets: Qwen3, Qwen2 with yarn, Llama with llama3 rope,
+Mistral, Qwen3-MoE) and by GPU benchmarks (real shapes with random bf16 weights: ``qwen3-0.6b``,
+``qwen3-8b``, ``qwen2.5-7b``, ``llama-3.1-8b``, ``qwen3-30b-a3b``). Everything is built locally:
+a byte-level BPE tokenizer trained on a small built-in text, ``config.json``,
+``generation_config.json`` and the safetensors weights, written by transformers' own model
+class. The same preset and seed always give byte-identical files.
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ import os
 import pathlib
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 PAD_TOKEN_ID = 0  # The BPE trainer gives the special tokens the first ids, in this order.
@@ -31,9 +32,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-_COMMON_CONFIG = {
-    "architectures": ["Qwen3ForCausalLM"],
-    "model_type": "qwen3",
+_QWEN_COMMON = {
     "hidden_act": "silu",
     "attention_bias": False,
     "attention_dropout": 0.0,
@@ -48,35 +47,82 @@ _COMMON_CONFIG = {
     "eos_token_id": EOS_TOKEN_ID,
     "pad_token_id": PAD_TOKEN_ID,
 }
+_QWEN3 = {**_QWEN_COMMON, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}
+_QWEN2 = {**_QWEN_COMMON, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
+_QWEN3_MOE = {**_QWEN_COMMON, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "norm_topk_prob": True}
+_LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "rms_norm_eps": 1e-5,
+    "bos_token_id": None,
+    "eos_token_id": EOS_TOKEN_ID,
+    "pad_token_id": PAD_TOKEN_ID,
+}
+_MISTRAL = {**_LLAMA, "architectures": ["MistralForCausalLM"], "model_type": "mistral"}
+del _MISTRAL["attention_bias"], _MISTRAL["mlp_bias"]
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+# The tiny presets' shape: small enough for fp32 CPU tests, with GQA (4 query heads, 2 KV heads).
+_TINY = {
+    "vocab_size": 2048,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "max_window_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": True,
+    "torch_dtype": "float32",
+}
+# Tiny long-context presets scale rope past an original context of 64 tokens (tests run beyond it).
+TINY_ORIGINAL_CONTEXT = 64
 
 PRESETS: dict[str, dict] = {
-    "tiny": {
-        **_COMMON_CONFIG,
-        "vocab_size": 2048,
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 2,
-        "max_window_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 64,
-        "max_position_embeddings": 4096,
-        "tie_word_embeddings": True,
-        "torch_dtype": "float32",
+    "tiny": {**_QWEN3, **_TINY},
+    "tiny-qwen2": {
+        **_QWEN2, **_TINY, "tie_word_embeddings": False,
+        "max_position_embeddings": 8 * TINY_ORIGINAL_CONTEXT,
+        "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": TINY_ORIGINAL_CONTEXT},
+    },
+    "tiny-llama": {
+        **_LLAMA, **_TINY, "head_dim": 32, "rope_theta": 10000.0,
+        "rope_scaling": {**_LLAMA3_ROPE, "original_max_position_embeddings": TINY_ORIGINAL_CONTEXT},
+    },
+    "tiny-mistral": {**_MISTRAL, **_TINY, "tie_word_embeddings": False, "rope_theta": 10000.0, "sliding_window": 4096},
+    "tiny-qwen3-moe": {
+        **_QWEN3_MOE, **_TINY, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+        "decoder_sparse_step": 1, "mlp_only_layers": [1],
     },
     "qwen3-0.6b": {
-        **_COMMON_CONFIG,
-        "vocab_size": 151936,
-        "hidden_size": 1024,
-        "intermediate_size": 3072,
-        "num_hidden_layers": 28,
-        "max_window_layers": 28,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "max_position_embeddings": 40960,
-        "tie_word_embeddings": True,
-        "torch_dtype": "bfloat16",
+        **_QWEN3, "vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+        "max_window_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+        "max_position_embeddings": 40960, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    },
+    "qwen3-8b": {
+        **_QWEN3, "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+        "max_window_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+        "max_position_embeddings": 40960, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    },
+    "qwen2.5-7b": {
+        **_QWEN2, "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "max_window_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    },
+    "llama-3.1-8b": {
+        **_LLAMA, "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072,
+        "rope_theta": 500000.0, "rope_scaling": {**_LLAMA3_ROPE, "original_max_position_embeddings": 8192},
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    },
+    "qwen3-30b-a3b": {
+        **_QWEN3_MOE, "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+        "num_hidden_layers": 48, "max_window_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+        "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "max_position_embeddings": 40960, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     },
 }
 
@@ -97,6 +143,9 @@ _RESIDUAL_GAIN = 4.0
 _QK_NORM_SCALE = 2.0
 # Embedding rows the tokenizer never produces are shrunk so the model practically never emits them.
 _UNUSED_ROW_SCALE = 0.05
+# Std of the biases (Qwen2's q/k/v) and gain of the MoE router (its logits' std over the experts).
+_BIAS_STD = 0.1
+_ROUTER_GAIN = 2.0
 # Elements generated per step when filling a tensor, to bound fp32 scratch memory.
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -212,59 +261,54 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def _normal(shape: tuple[int, ...], std: float, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    """N(0, std^2) tensor of ``shape`` in ``dtype``, filled row-chunk by row-chunk from ``gen``."""
-    out = torch.empty(shape, dtype=dtype)
-    rows = out.view(shape[0], -1)
+def _fill_normal(tensor: torch.Tensor, std: float, gen: torch.Generator, mean: float = 0.0) -> None:
+    """Fill ``tensor`` in place with N(mean, std^2), row-chunk by row-chunk from ``gen`` (bounded fp32 scratch)."""
+    rows = tensor.view(tensor.shape[0], -1) if tensor.dim() > 1 else tensor.view(1, -1)
     step = max(1, _CHUNK_ELEMENTS // rows.shape[1])
     for start in range(0, rows.shape[0], step):
         chunk = rows[start : start + step]
-        chunk.copy_(torch.empty(chunk.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
-    return out
+        chunk.copy_(torch.empty(chunk.shape, dtype=torch.float32).normal_(mean, std, generator=gen))
 
 
-def _init_weights(cfg: dict, dtype: torch.dtype, seed: int, num_tokens: int) -> dict[str, torch.Tensor]:
-    """Random Qwen3 weights with HF tensor names.
+def _init_weights(model: torch.nn.Module, seed: int, num_tokens: int) -> None:
+    """Fill an HF model's parameters in place with random weights that make a usable test model.
 
     Projections reading a normalised input get std 1/sqrt(fan_in); those writing into the residual
-    stream get _RESIDUAL_GAIN times that, so the layers outweigh the (tied) input embedding and
-    the model does not merely echo its input. The embedding std makes the final logits (normed
-    hidden state times the embedding) spread with std of about _LOGIT_STD.
+    stream (o_proj, down_proj, experts' down projections) get _RESIDUAL_GAIN times that, so the
+    layers outweigh the input embedding and the model does not merely echo its input. The vocab
+    matrices make the final logits spread with std of about _LOGIT_STD; rows the tokenizer never
+    produces are shrunk. RMSNorm weights are 1 plus noise (q/k norms scaled by _QK_NORM_SCALE for
+    sharper attention); biases and the MoE router are noise large enough to matter.
     """
     gen = torch.Generator().manual_seed(seed)
-    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    head_dim = cfg["head_dim"]
-    q_dim, kv_dim = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    for name, param in model.named_parameters():
+        data, fan_in = param.data, param.shape[-1]
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            _fill_normal(data, _LOGIT_STD / math.sqrt(fan_in), gen)
+            data[num_tokens:] *= _UNUSED_ROW_SCALE
+        elif name.endswith("norm.weight"):
+            scale = _QK_NORM_SCALE if name.endswith(("q_norm.weight", "k_norm.weight")) else 1.0
+            _fill_normal(data, scale * _NORM_NOISE, gen, mean=scale)
+        elif name.endswith("bias"):
+            _fill_normal(data, _BIAS_STD, gen)
+        elif name.endswith("mlp.gate.weight"):
+            _fill_normal(data, _ROUTER_GAIN / math.sqrt(fan_in), gen)
+        else:
+            gain = _RESIDUAL_GAIN if "o_proj" in name or "down_proj" in name else 1.0
+            _fill_normal(data, gain / math.sqrt(fan_in), gen)
 
-    def linear(out_dim: int, in_dim: int, gain: float = 1.0) -> torch.Tensor:
-        return _normal((out_dim, in_dim), gain / math.sqrt(in_dim), dtype, gen)
 
-    def norm(dim: int, scale: float = 1.0) -> torch.Tensor:
-        return (scale * (1.0 + _normal((dim,), _NORM_NOISE, torch.float32, gen))).to(dtype)
-
-    def vocab_matrix() -> torch.Tensor:
-        w = _normal((cfg["vocab_size"], hidden), _LOGIT_STD / math.sqrt(hidden), dtype, gen)
-        w[num_tokens:] *= _UNUSED_ROW_SCALE
-        return w
-
-    weights = {"model.embed_tokens.weight": vocab_matrix()}
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        weights[p + "input_layernorm.weight"] = norm(hidden)
-        weights[p + "self_attn.q_proj.weight"] = linear(q_dim, hidden)
-        weights[p + "self_attn.k_proj.weight"] = linear(kv_dim, hidden)
-        weights[p + "self_attn.v_proj.weight"] = linear(kv_dim, hidden)
-        weights[p + "self_attn.q_norm.weight"] = norm(head_dim, _QK_NORM_SCALE)
-        weights[p + "self_attn.k_norm.weight"] = norm(head_dim, _QK_NORM_SCALE)
-        weights[p + "self_attn.o_proj.weight"] = linear(hidden, q_dim, _RESIDUAL_GAIN)
-        weights[p + "post_attention_layernorm.weight"] = norm(hidden)
-        weights[p + "mlp.gate_proj.weight"] = linear(inter, hidden)
-        weights[p + "mlp.up_proj.weight"] = linear(inter, hidden)
-        weights[p + "mlp.down_proj.weight"] = linear(hidden, inter, _RESIDUAL_GAIN)
-    weights["model.norm.weight"] = norm(hidden)
-    if not cfg["tie_word_embeddings"]:
-        weights["lm_head.weight"] = vocab_matrix()
-    return weights
+def build_model(cfg: dict, dtype: torch.dtype, seed: int, num_tokens: int) -> torch.nn.Module:
+    """transformers' own model class for ``cfg`` with random weights, each allocated once (built on
+    the meta device, then given storage and filled in place)."""
+    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "torch_dtype"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.to_empty(device="cpu")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    _init_weights(model, seed, num_tokens)
+    return model
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
@@ -272,12 +316,14 @@ def _write_json(path: pathlib.Path, data: dict) -> None:
 
 
 def make_checkpoint(
-    path: str | os.PathLike, preset: str = "tiny", seed: int = 0, dtype: str | None = None
+    path: str | os.PathLike, preset: str = "tiny", seed: int = 0, dtype: str | None = None, eos_token_ids: list[int] | None = None
 ) -> pathlib.Path:
-    """Write a Qwen3 checkpoint folder (config, generation config, tokenizer, weights) to ``path``.
+    """Write a checkpoint folder (config, generation config, tokenizer, weights) to ``path``.
 
     ``preset`` is a key of PRESETS; ``dtype`` ("float32", "bfloat16" or "float16") overrides the
-    preset's torch_dtype. Returns the folder path. Same arguments give byte-identical files.
+    preset's torch_dtype; ``eos_token_ids`` (default: the tokenizer's) go to generation_config.json.
+    The weights are written by transformers' own model class (``save_pretrained``, shards of at
+    most 4 GB). Returns the folder path. Same arguments give byte-identical files.
     """
     _check_choice("preset", preset, PRESETS)
     if dtype is not None:
@@ -292,13 +338,11 @@ def make_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(out, save_jinja_files=False)
-    _write_json(out / "config.json", cfg)
-    _write_json(
-        out / "generation_config.json",
-        {"bos_token_id": None, "eos_token_id": EOS_TOKEN_ID, "pad_token_id": PAD_TOKEN_ID},
-    )
-    weights = _init_weights(cfg, DTYPES[cfg["torch_dtype"]], seed, len(tokenizer))
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model = build_model(cfg, DTYPES[cfg["torch_dtype"]], seed, len(tokenizer))
+    model.save_pretrained(out, max_shard_size="4GB")
+    del model
+    eos = EOS_TOKEN_ID if eos_token_ids is None else list(eos_token_ids)
+    _write_json(out / "generation_config.json", {"bos_token_id": None, "eos_token_id": eos, "pad_token_id": PAD_TOKEN_ID})
     return out
 
 

@@ -28,12 +28,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 class HFOracle:
-    """Greedy continuations from HF transformers' Qwen3ForCausalLM in fp32 (memoised)."""
+    """Greedy continuations from HF transformers' own model class for the checkpoint, in fp32 (memoised)."""
 
     def __init__(self, path: str) -> None:
-        from transformers import Qwen3ForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        self.model = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         self.eos_token_id = self.model.generation_config.eos_token_id
         self.cache: dict[tuple, list[int]] = {}
 

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Qwen3ForCausalLM
 
-from nanovllm.testing import PRESETS, _init_weights, main, make_checkpoint
+from nanovllm.testing import main, make_checkpoint
 
 TEXTS = [
     "Hello, world! The KV cache has 256 tokens per block; throughput = 1,234.5 tok/s.",
@@ -97,21 +97,42 @@ def test_chat_template(tiny: pathlib.Path) -> None:
 def test_dtype_override_and_cli(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
     main([str(tmp_path / "bf16"), "--preset", "tiny", "--seed", "1", "--dtype", "bfloat16"])
     assert capsys.readouterr().out.strip() == str(tmp_path / "bf16")
-    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as f:
         assert f.get_tensor("model.norm.weight").dtype == torch.bfloat16
 
 
-def test_untied_preset_writes_lm_head() -> None:
-    cfg = {**PRESETS["tiny"], "tie_word_embeddings": False}
-    weights = _init_weights(cfg, torch.float32, seed=0, num_tokens=1900)
-    assert weights["lm_head.weight"].shape == (2048, 128)
+@pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-mistral"])
+def test_untied_preset_writes_lm_head(tmp_path: pathlib.Path, preset: str) -> None:
+    with safe_open(make_checkpoint(tmp_path, preset) / "model.safetensors", "pt") as f:
+        assert f.get_slice("lm_head.weight").get_shape() == [2048, 128]
+
+
+def test_moe_preset_stores_experts_one_by_one(tmp_path: pathlib.Path) -> None:
+    with safe_open(make_checkpoint(tmp_path, "tiny-qwen3-moe") / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert {f"model.layers.0.mlp.experts.{e}.{p}_proj.weight" for e in range(8) for p in ("gate", "up", "down")} <= names
+    assert "model.layers.0.mlp.gate.weight" in names and "model.layers.1.mlp.gate_proj.weight" in names
 
 
 def test_bad_arguments(tmp_path: pathlib.Path) -> None:
-    with pytest.raises(ValueError, match="'huge'.*qwen3-0.6b, tiny"):
+    with pytest.raises(ValueError, match="'huge'.*qwen3-0.6b, qwen3-30b-a3b, qwen3-8b, tiny"):
         make_checkpoint(tmp_path, preset="huge")
     with pytest.raises(ValueError, match="'int8'"):
         make_checkpoint(tmp_path, dtype="int8")
     with pytest.raises(TypeError, match="seed"):
         make_checkpoint(tmp_path, seed="0")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("preset, billions", [
+    ("qwen3-0.6b", 0.596), ("qwen3-8b", 8.19), ("qwen2.5-7b", 7.62), ("llama-3.1-8b", 8.03), ("qwen3-30b-a3b", 30.5),
+])
+def test_real_size_presets_have_the_published_parameter_counts(preset: str, billions: float) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from nanovllm.testing import PRESETS
+
+    config = AutoConfig.for_model(**{k: v for k, v in PRESETS[preset].items() if k != "torch_dtype"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, rel=0.01)

@@ -15,7 +15,7 @@ from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import PENDING, Sequence
 from nanovllm.layers.attention import Attention, select_backend
 from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingTensors
-from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.models.registry import resolve_model_class
 from nanovllm.utils.context import Context, reset_context, set_context
 from nanovllm.utils.loader import load_model
 from nanovllm.utils.parallel import TPGroup, building_with, create_store
@@ -121,7 +121,7 @@ class ModelRunner:
         torch.set_default_dtype(self.dtype)
         try:
             with self.device, building_with(self.group):
-                self.model = Qwen3ForCausalLM(hf, config.max_model_len)
+                self.model = resolve_model_class(hf)(hf, config.max_model_len)
         finally:
             torch.set_default_dtype(default_dtype)
         load_model(self.model, config.model)

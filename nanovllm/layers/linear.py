@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.utils.loader import CheckpointTensor, materialize
 from nanovllm.utils.parallel import tp_group, tp_size
 
 
@@ -25,7 +26,13 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+    def expect_shards(self, shard_ids: tuple[object, ...]) -> None:
+        """The parts (checkpoint tensors) that together fill each parameter (see utils.loader)."""
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param.shard_ids = shard_ids
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor | CheckpointTensor) -> None:
         if param.dim() > self.tp_dim:
             size = param.size(self.tp_dim)
             loaded = take_shard(loaded, self.tp_dim, self.tp_rank, size, size * self.tp_size)
@@ -35,17 +42,17 @@ class LinearBase(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def take_shard(loaded: torch.Tensor, dim: int, index: int, size: int, total: int) -> torch.Tensor:
-    """Slice `index` (of length `size`) along `dim` of a checkpoint tensor that must be `total` long there."""
+def take_shard(loaded: torch.Tensor | CheckpointTensor, dim: int, index: int, size: int, total: int) -> torch.Tensor:
+    """Slice `index` (of length `size`) along `dim` of a checkpoint tensor that must be `total` long there (reads only that slice)."""
     if loaded.size(dim) != total:
         raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} has {loaded.size(dim)} rows/columns along dim {dim}, expected {total}")
     return loaded.narrow(dim, index * size, size)
 
 
-def _copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
+def _copy_checked(dst: torch.Tensor, src: torch.Tensor | CheckpointTensor) -> None:
     if dst.shape != src.shape:
         raise ValueError(f"checkpoint tensor of shape {tuple(src.shape)} does not fit parameter of shape {tuple(dst.shape)}")
-    dst.copy_(src)
+    dst.copy_(materialize(src))
 
 
 class ColumnParallelLinear(LinearBase):
@@ -64,8 +71,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
         self.output_sizes = output_sizes
         super().__init__(input_size, sum(output_sizes), bias)
+        self.expect_shards(tuple(range(len(output_sizes))))
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor | CheckpointTensor, shard_id: int) -> None:
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
         shard = take_shard(loaded, 0, self.tp_rank, size, self.output_sizes[shard_id])
@@ -85,8 +93,9 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.kv_replicas = max(1, world // num_kv_heads)
         output_size = (self.num_heads + 2 * self.num_kv_heads) * head_dim * world
         super().__init__(hidden_size, output_size, bias)
+        self.expect_shards(("q", "k", "v"))
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor | CheckpointTensor, shard_id: str) -> None:
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         if shard_id == "q":
