@@ -89,7 +89,7 @@ def simulate(tiny_model: str, policy: str, budget: int, num_blocks: int, seed: i
     rng = random.Random(seed)
     config = Config(tiny_model, kvcache_block_size=BS, max_model_len=max_model_len, max_num_batched_tokens=budget,
                     max_num_seqs=6, scheduling_policy=policy)
-    sched = Scheduler(config, num_blocks, eos_token_id=2)
+    sched = Scheduler(config, num_blocks, frozenset({2}))
     model = FakeModel(num_blocks)
     prefixes = [[rng.randrange(3, 2000) for _ in range(rng.randint(1, 300))] for _ in range(3)]
     requests = []

@@ -20,7 +20,7 @@ def make_scheduler(tiny_model):
     def make(num_blocks: int = 64, eos: int | None = EOS, **kwargs: object) -> Scheduler:
         settings = dict(kvcache_block_size=BS, max_model_len=256, max_num_batched_tokens=256, max_num_seqs=8)
         settings.update(kwargs)
-        return Scheduler(Config(tiny_model, **settings), num_blocks, eos)
+        return Scheduler(Config(tiny_model, **settings), num_blocks, frozenset() if eos is None else frozenset({eos}))
 
     return make
 

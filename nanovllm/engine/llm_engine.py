@@ -18,6 +18,7 @@ from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampler import SamplerOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.generation_config import eos_token_ids
 from nanovllm.utils.parallel import create_store
 
 Prompt = str | list[int]
@@ -64,15 +65,13 @@ class LLMEngine:
     def __init__(self, model: str, **kwargs: object) -> None:
         self.config = Config.from_kwargs(model, **kwargs)
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.model)
-        self.eos_token_id = self.tokenizer.eos_token_id
-        if self.eos_token_id is None:
-            self.eos_token_id = getattr(self.config.hf_config, "eos_token_id", None)
+        self.eos_token_ids = eos_token_ids(self.config.model, self.tokenizer.eos_token_id, getattr(self.config.hf_config, "eos_token_id", None))
         self.model_runner = self._start_model_runners()
         # Runs once: on exit(), when the engine is garbage-collected, or at interpreter exit.
         # It holds what must be released, never the engine itself.
         self._shut_down = weakref.finalize(self, _shut_down_tp, self.model_runner, self.workers)
         self.runtime = self.model_runner.info
-        self.scheduler = Scheduler(self.config, self.runtime.num_kvcache_blocks, self.eos_token_id)
+        self.scheduler = Scheduler(self.config, self.runtime.num_kvcache_blocks, self.eos_token_ids)
         self.requests: dict[int, Request] = {}
         self._in_flight: tuple[ScheduledBatch, StepHandle] | None = None
         self._closed = False
@@ -189,7 +188,7 @@ class LLMEngine:
             raise RuntimeError("scheduler could not schedule any sequence (KV pool smaller than one request?)")
         launched = None
         if batch.seqs:
-            launched = (batch, self.model_runner.launch(batch, self.eos_token_id))
+            launched = (batch, self.model_runner.launch(batch, self.eos_token_ids))
             self.scheduler.advance(batch)
         if self.runtime.overlap:
             done, self._in_flight = self._in_flight, launched

@@ -264,7 +264,7 @@ class ModelRunner:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor
 
-    def sampling_tensors(self, seqs: list[Sequence], eos_token_id: int | None) -> SamplingTensors:
+    def sampling_tensors(self, seqs: list[Sequence], eos_token_ids: frozenset[int]) -> SamplingTensors:
         """Per-row sampling parameters for the sequences that sample this step (filters only where some row
         uses them), copied without blocking the host (a blocking copy would wait for the step in flight)."""
         params = [s.sampling_params for s in seqs]
@@ -287,12 +287,12 @@ class ModelRunner:
                 tensors.seed_rows = device_array(seeded, np.int64)
                 tensors.seeds = device_array([params[i].seed for i in seeded], np.int64)
                 tensors.positions = device_array([seqs[i].num_tokens for i in seeded], np.int64)
-        # Below min_tokens, EOS and the stop tokens cannot be sampled.
+        # Below min_tokens, the EOS ids and the stop tokens cannot be sampled.
         banned = [
             (row, token)
             for row, (seq, p) in enumerate(zip(seqs, params))
             if seq.num_completion_tokens < p.min_tokens
-            for token in ([] if p.ignore_eos or eos_token_id is None else [eos_token_id]) + p.stop_token_ids
+            for token in ([] if p.ignore_eos else sorted(eos_token_ids)) + p.stop_token_ids
         ]
         if banned:
             tensors.banned = device_array(banned, np.int64).T
@@ -328,14 +328,14 @@ class ModelRunner:
         return input_ids
 
     @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch, eos_token_id: int | None) -> StepHandle:
+    def launch(self, batch: ScheduledBatch, eos_token_ids: frozenset[int]) -> StepHandle:
         """Rank 0: run one step and sample, without waiting for the device; the tokens stay on the
         device for the next step's PENDING inputs and are copied to the host behind the step."""
         inputs = self.prepare(batch)
         logits = self._execute_on_all_ranks(inputs)
         samples = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(batch.seqs, batch.num_new_tokens)]
         sampling_seqs = [s for s, sampled in zip(batch.seqs, samples) if sampled]
-        output = self.sampler(logits, self.sampling_tensors(sampling_seqs, eos_token_id))
+        output = self.sampler(logits, self.sampling_tensors(sampling_seqs, eos_token_ids))
         if inputs.share_sampled:
             self.group.broadcast(output.token_ids)
         self.last_sampled = output.token_ids

@@ -40,12 +40,12 @@ class Scheduler:
     still hit the prefix cache).
     """
 
-    def __init__(self, config: Config, num_blocks: int, eos_token_id: int | None) -> None:
+    def __init__(self, config: Config, num_blocks: int, eos_token_ids: frozenset[int]) -> None:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = config.max_model_len
         self.chunked = config.scheduling_policy == "chunked"
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = eos_token_ids
         self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
@@ -171,12 +171,12 @@ class Scheduler:
         return advanced
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
-        """Why `seq` ends after its newest known token `token_id`: EOS or a stop token past min_tokens
+        """Why `seq` ends after its newest known token `token_id`: any EOS id or a stop token past min_tokens
         ("stop"), max_tokens or max_model_len ("length")."""
         params = seq.sampling_params
         num_output = seq.num_output_tokens
         if num_output > params.min_tokens:
-            if not params.ignore_eos and token_id == self.eos_token_id:
+            if not params.ignore_eos and token_id in self.eos_token_ids:
                 return "stop"
             if token_id in params.stop_token_ids:
                 return "stop"
