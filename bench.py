@@ -1,8 +1,8 @@
-"""Throughput benchmark: nano-vLLM's workload, with the hardware floor measured in the same run.
+"""Throughput benchmark on a named workload (benchmarks/workloads.py: nano, short, prefix, long), with
+the hardware floor measured in the same run; `--itl` and `--kernel-profile` are separate measurements.
 
-Default workload (nano-vLLM's bench.py): seed 0, 256 sequences, prompt lengths and output lengths
-uniform in [100, 1024], random prompt token ids < 10000, temperature 0.6, ignore_eos, max_model_len 4096.
 Without --model it writes a random-weight checkpoint to a temp dir (qwen3-0.6b on CUDA, tiny on CPU).
+nano-vLLM on the same workload: `bash benchmarks/run_peer.sh --model DIR --workload NAME`.
 
 floor = (KV bytes read by all decode steps + weight bytes x decode steps) / measured copy bandwidth
         + prefill FLOPs / measured matmul rate
@@ -18,28 +18,9 @@ from random import randint, seed
 
 import torch
 
+from benchmarks.workloads import WORKLOADS, Workload, make_workload, max_prompt_id
 from nanovllm import LLM, SamplingParams
 from nanovllm.testing import make_checkpoint
-
-
-@dataclass
-class Workload:
-    prompts: list[list[int]]
-    params: list[SamplingParams]
-
-
-def max_prompt_id(vocab_size: int) -> int:
-    """nano-vLLM draws prompt token ids in [0, 10000]; capped below the vocabulary size of small models."""
-    return min(10000, vocab_size - 1)
-
-
-def make_workload(args: argparse.Namespace, vocab_size: int) -> Workload:
-    """nano-vLLM's draws."""
-    seed(0)
-    max_id = max_prompt_id(vocab_size)
-    prompts = [[randint(0, max_id) for _ in range(randint(args.min_input_len, args.max_input_len))] for _ in range(args.num_seqs)]
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(args.min_output_len, args.max_output_len)) for _ in range(args.num_seqs)]
-    return Workload(prompts, params)
 
 
 def _timed(fn, device: torch.device, repeats: int) -> float:
@@ -93,100 +74,118 @@ def workload_floor(llm: LLM, workload: Workload, decode_steps: int) -> Floor:
     linear_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n) * llm.config.tensor_parallel_size
     kv_tokens = 0
     prefill_flops = 0.0
-    for prompt, params in zip(workload.prompts, workload.params):
-        p, t = len(prompt), params.max_tokens
+    for prompt, t in zip(workload.prompts, workload.max_tokens):
+        p = len(prompt)
         kv_tokens += sum(p + j - 1 for j in range(2, t + 1))
         attention = 4 * hf.num_hidden_layers * hf.num_attention_heads * head_dim * p * (p + 1) / 2
         prefill_flops += 2 * linear_params * p + attention + 2 * hf.vocab_size * hf.hidden_size
     return Floor(kv_tokens * kv_per_token, weight_bytes, prefill_flops, decode_steps)
 
 
+def step_kind(batch) -> str:
+    """"decode" (one token for every sequence), "prefill" (no sequence past its prompt) or "mixed"."""
+    if batch.is_decode:
+        return "decode"
+    return "mixed" if any(s.num_computed_tokens >= s.num_prompt_tokens for s in batch.seqs) else "prefill"
+
+
 class StepProfiler:
-    """Counts decode steps; with `gpu_timeline` (CUDA only) also records CUDA events around each
-    step's device work (from the first forward kernel to the sampled-token copy), without any host
-    synchronisation, so the idle gaps of the device between decode steps can be measured afterwards."""
+    """Per step kind (decode, mixed, prefill): how many steps and the mean host wall time of a step()
+    call that launched one; with `gpu_timeline` (CUDA only) also CUDA events around each launch's device
+    work (from its first input copy to the sampled-token copy), recorded without any host
+    synchronisation, for the mean device busy time per kind and the device idle gap between decode steps."""
+
+    KINDS = ("decode", "mixed", "prefill")
 
     def __init__(self, llm: LLM, gpu_timeline: bool) -> None:
-        self.decode_steps = 0
-        self.host_s: list[float] = []
-        self.prefill_only_s: list[float] = []
-        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event, bool]] = []
+        self.host_s: dict[str, list[float]] = {kind: [] for kind in self.KINDS}
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event, str]] = []
+        self.gpu_timeline = gpu_timeline and llm.runtime.device.type == "cuda"
+        self._kind: str | None = None
         self._step = llm.step
         llm.step = self._timed_step
-        if gpu_timeline and llm.runtime.device.type == "cuda":
-            runner = llm.model_runner
-            self._execute, self._launch = runner.execute, runner.launch
-            runner.execute, runner.launch = self._marked_execute, self._marked_launch
+        self._launch = llm.model_runner.launch
+        llm.model_runner.launch = self._marked_launch
 
-    def _marked_execute(self, inputs):
-        self._start = torch.cuda.Event(enable_timing=True)
-        self._start.record()
-        self._is_decode = inputs.is_decode
-        return self._execute(inputs)
+    @property
+    def decode_steps(self) -> int:
+        return len(self.host_s["decode"])
 
     def _marked_launch(self, batch, eos_token_id):
+        self._kind = step_kind(batch)
+        if not self.gpu_timeline:
+            return self._launch(batch, eos_token_id)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         handle = self._launch(batch, eos_token_id)
-        end = torch.cuda.Event(enable_timing=True)
         end.record()
-        self.events.append((self._start, end, self._is_decode))
+        self.events.append((start, end, self._kind))
         return handle
 
     def _timed_step(self):
+        self._kind = None
         start = time.perf_counter()
-        chunks, num_prefill, num_decode = self._step()
-        elapsed = time.perf_counter() - start
-        if num_decode:
-            self.decode_steps += 1
-            self.host_s.append(elapsed)
-        else:
-            self.prefill_only_s.append(elapsed)
-        return chunks, num_prefill, num_decode
+        result = self._step()
+        if self._kind is not None:
+            self.host_s[self._kind].append(time.perf_counter() - start)
+        return result
+
+    def busy_ms(self, kind: str) -> list[float]:
+        return [start.elapsed_time(end) for start, end, k in self.events if k == kind]
 
     def summary(self) -> dict:
-        """Mean decode-step figures: host wall time per step() call, device busy time, device idle gap before
-        the step; and the steps without any decode (prefill only): how many, total host wall time."""
-        figures = {"host_step_ms": round(1e3 * sum(self.host_s) / max(len(self.host_s), 1), 3),
-                   "prefill_only_steps": len(self.prefill_only_s), "prefill_only_s": round(sum(self.prefill_only_s), 3)}
-        if not self.events:
-            return figures
-        torch.cuda.synchronize()
-        busy, idle = [], []
-        for (start, end, is_decode), (_, previous_end, previous_decode) in zip(self.events[1:], self.events[:-1]):
-            if is_decode and previous_decode:
-                busy.append(start.elapsed_time(end))
-                idle.append(max(0.0, previous_end.elapsed_time(start)))
-        if busy:
-            mean_busy, mean_idle = sum(busy) / len(busy), sum(idle) / len(idle)
-            figures.update({"gpu_busy_ms": round(mean_busy, 3), "gpu_idle_gap_ms": round(mean_idle, 3),
-                            "gpu_idle_pct": round(100 * mean_idle / (mean_busy + mean_idle), 2)})
+        """Per kind: steps, mean host ms per step() call and (with the timeline) mean device busy ms;
+        the mean device idle gap before a decode step that follows a decode step."""
+        if self.events:
+            torch.cuda.synchronize()
+        figures: dict = {}
+        for kind in self.KINDS:
+            host = self.host_s[kind]
+            figures[f"{kind}_steps"] = len(host)
+            if host:
+                figures[f"{kind}_host_ms"] = round(1e3 * sum(host) / len(host), 3)
+            busy = self.busy_ms(kind)
+            if busy:
+                figures[f"{kind}_device_ms"] = round(sum(busy) / len(busy), 3)
+        gaps = [end.elapsed_time(start) for (_, end, a), (start, _, b) in zip(self.events, self.events[1:]) if a == b == "decode"]
+        if gaps and "decode_device_ms" in figures:
+            idle = sum(max(0.0, g) for g in gaps) / len(gaps)
+            figures.update({"gpu_idle_gap_ms": round(idle, 3), "gpu_idle_pct": round(100 * idle / (figures["decode_device_ms"] + idle), 2)})
         return figures
 
 
 def run_throughput(llm: LLM, args: argparse.Namespace) -> dict:
-    """nano-vLLM's workload: tok/s, % of the measured floor, achieved bandwidth, step profile."""
-    workload = make_workload(args, llm.config.hf_config.vocab_size)
+    """One named workload: tok/s, % of the measured floor, achieved bandwidth, per-kind step profile."""
+    workload = make_workload(args.workload, llm.config.hf_config.vocab_size)
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in workload.max_tokens]
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
     profiler = StepProfiler(llm, args.profile)
     start = time.perf_counter()
-    llm.generate(workload.prompts, workload.params, use_tqdm=False)
+    llm.generate(workload.prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    decode_steps = profiler.decode_steps
-    total_tokens = sum(p.max_tokens for p in workload.params)
+    # Steps that read every weight for their decode rows: decode and mixed steps.
+    weight_reads = profiler.decode_steps + len(profiler.host_s["mixed"])
     device = llm.runtime.device
     bandwidth = measure_copy_bandwidth(device)
     matmul_rate = measure_matmul_rate(device, llm.runtime.dtype)
-    floor = workload_floor(llm, workload, decode_steps)
-    floor_s = floor.seconds(bandwidth, matmul_rate)
+    floor = workload_floor(llm, workload, weight_reads)
+    total_tokens = workload.output_tokens
     figures = {
-        "total_tokens": total_tokens, "seconds": round(elapsed, 3), "tok_per_s": round(total_tokens / elapsed, 1),
-        "floor_s": round(floor_s, 3), "pct_of_floor": round(100 * floor_s / elapsed, 1),
-        "achieved_GBps": round((floor.kv_bytes + floor.weight_bytes * decode_steps) / elapsed / 1e9, 1),
-        "copy_GBps": round(bandwidth / 1e9, 1), "matmul_TFLOPs": round(matmul_rate / 1e12, 1), "decode_steps": decode_steps,
+        "workload": workload.name, "total_tokens": total_tokens, "seconds": round(elapsed, 3), "tok_per_s": round(total_tokens / elapsed, 1),
+        "achieved_GBps": round((floor.kv_bytes + floor.weight_bytes * weight_reads) / elapsed / 1e9, 1),
+        "copy_GBps": round(bandwidth / 1e9, 1), "matmul_TFLOPs": round(matmul_rate / 1e12, 1),
         "preemptions": llm.scheduler.num_preemptions, **profiler.summary(),
     }
-    print(f"Total: {total_tokens}tok, Time: {elapsed:.2f}s, Throughput: {total_tokens / elapsed:.2f}tok/s")
-    print(f"Floor: {floor_s:.2f}s ({figures['pct_of_floor']}% of floor), achieved {figures['achieved_GBps']} GB/s "
-          f"of {figures['copy_GBps']} GB/s copy bandwidth, matmul {figures['matmul_TFLOPs']} TFLOP/s")
+    # With shared prefixes most prompt tokens need no prefill: no floor is defined for that workload.
+    if workload.name != "prefix":
+        floor_s = floor.seconds(bandwidth, matmul_rate)
+        figures.update({"floor_s": round(floor_s, 3), "pct_of_floor": round(100 * floor_s / elapsed, 1)})
+    prefill_busy_ms = sum(profiler.busy_ms("prefill")) + sum(profiler.busy_ms("mixed"))
+    if prefill_busy_ms and workload.name != "prefix":
+        # Prompt FLOPs over the device time of the steps that prefill (mixed steps' decode rows included).
+        figures["prefill_TFLOPs"] = round(floor.prefill_flops / prefill_busy_ms / 1e9, 1)
+    print(f"{workload.name}: {total_tokens} tok in {elapsed:.2f} s, {total_tokens / elapsed:.1f} tok/s"
+          + (f", {figures['pct_of_floor']}% of the floor ({figures['floor_s']} s)" if "floor_s" in figures else ""))
     return figures
 
 
@@ -263,19 +262,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="HF Qwen3 folder (default: build a random-weight checkpoint)")
     parser.add_argument("--preset", choices=["tiny", "qwen3-0.6b"], help="checkpoint preset when --model is absent")
-    parser.add_argument("--num-seqs", type=int, default=256)
-    parser.add_argument("--min-input-len", type=int, default=100)
-    parser.add_argument("--max-input-len", type=int, default=1024)
-    parser.add_argument("--min-output-len", type=int, default=100)
-    parser.add_argument("--max-output-len", type=int, default=1024)
+    parser.add_argument("--workload", choices=WORKLOADS, default="nano", help="named workload (benchmarks/workloads.py)")
+    parser.add_argument("--num-seqs", type=int, default=256, help="batch of the --kernel-profile measurement")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--attention-backend", default="auto")
-    parser.add_argument("--scheduling-policy", default="prefill_first")
+    parser.add_argument("--scheduling-policy", default="chunked")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--profile", action="store_true", help="per decode step: host time, device busy time, device idle gap")
+    parser.add_argument("--profile", action="store_true", help="per step kind: host time, device busy time; device idle gap of decode steps")
     parser.add_argument("--no-overlap", action="store_true", help="disable overlap scheduling (the host waits for each step)")
     parser.add_argument("--itl", action="store_true", help="run the long-prompt inter-token-latency workload instead")
     parser.add_argument("--itl-prompt-len", type=int, default=8192)
@@ -292,14 +288,16 @@ def main() -> None:
         scratch = tempfile.TemporaryDirectory(prefix="nanovllm-bench-")
         model = str(make_checkpoint(scratch.name, preset))
         print(f"no --model: built a random-weight {preset} checkpoint in {model}")
+    start = time.perf_counter()
     llm = LLM(model, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
               tensor_parallel_size=args.tp, attention_backend=args.attention_backend, scheduling_policy=args.scheduling_policy,
               device=args.device, overlap_scheduling=False if args.no_overlap else None)
+    startup_s = time.perf_counter() - start
     device = llm.runtime.device
     figures = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "backend": llm.runtime.attention_backend,
         "cuda_graphs": llm.runtime.cuda_graphs, "overlap": llm.runtime.overlap, "policy": args.scheduling_policy,
-        "kv_blocks": llm.runtime.num_kvcache_blocks, "tp": args.tp,
+        "kv_blocks": llm.runtime.num_kvcache_blocks, "tp": args.tp, "startup_s": round(startup_s, 1),
         **(run_itl(llm, args) if args.itl else run_kernel_profile(llm, args) if args.kernel_profile else run_throughput(llm, args)),
     }
     line = json.dumps(figures)

@@ -55,7 +55,7 @@ class Config:
     attention_backend: str = "auto"
     cpu_kvcache_space_gib: float = 4.0
     enable_prefix_caching: bool = True
-    scheduling_policy: str = "prefill_first"
+    scheduling_policy: str = "chunked"
     overlap_scheduling: bool | None = None
     hf_config: PretrainedConfig = field(init=False, repr=False, compare=False)
 

@@ -6,7 +6,6 @@ others run the tiny checkpoint and compare with HF transformers and with the pre
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from conftest import assert_invariants, make_llm, random_prompts
 
 from nanovllm import SamplingParams
 from nanovllm.config import Config
-from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.inputs import build_step_inputs
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence, SequenceStatus
 
@@ -31,18 +30,17 @@ class FakeModel:
     """Stands in for the model runner.
 
     Each step writes every new token (and its position) into a fake paged KV cache through the
-    slot mapping that `ModelRunner.prepare` builds, then reads each sequence's whole context back
+    slot mapping that `build_step_inputs` builds, then reads each sequence's whole context back
     through its block table, as attention does, and checks it against the sequence's tokens.
     Reusing a block whose KV is stale (a bad prefix-cache hit, a block shared too early) fails here.
     """
 
     def __init__(self, num_blocks: int) -> None:
-        self.runner = SimpleNamespace(block_size=BS, share_sampled=False)
         self.kv_tokens = np.full(num_blocks * BS, -1, dtype=np.int64)
         self.kv_positions = np.full(num_blocks * BS, -1, dtype=np.int64)
 
     def run(self, batch: ScheduledBatch) -> list[int | None]:
-        inputs = ModelRunner.prepare(self.runner, batch)
+        inputs = build_step_inputs(batch, BS, {}, share_sampled=False)
         expected_ids = [t for s, n in zip(batch.seqs, batch.num_new_tokens) for t in s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n]]
         assert inputs.input_ids.tolist() == expected_ids
         assert inputs.cu_seqlens_q.tolist() == np.cumsum([0, *batch.num_new_tokens]).tolist()
@@ -183,7 +181,7 @@ def test_chunked_matches_hf_and_prefill_first(tiny_model, hf, long_prompts):
         assert batch.num_tokens == min(64, work), "the token budget is not filled"
 
     seqs = run_recording(chunked, long_prompts, GREEDY, check)
-    unchunked = make_llm(tiny_model, max_model_len=4096, max_num_batched_tokens=4096, num_kvcache_blocks=512)
+    unchunked = make_llm(tiny_model, max_model_len=4096, max_num_batched_tokens=4096, num_kvcache_blocks=512, scheduling_policy="prefill_first")
     reference = unchunked.generate(long_prompts, GREEDY, use_tqdm=False)
     for prompt, seq, ref in zip(long_prompts, seqs, reference):
         expected = hf.greedy(prompt, GREEDY.max_tokens)

@@ -79,9 +79,10 @@ def test_good_config_is_kept_as_given_and_frozen(tiny_model):
 
 def test_prefill_first_needs_a_budget_of_max_model_len(tiny_model):
     with pytest.raises(ValueError, match="max_num_batched_tokens.*max_model_len.*chunked"):
-        Config(tiny_model, max_num_batched_tokens=511, max_model_len=512)
-    Config(tiny_model, max_num_batched_tokens=512, max_model_len=512)
-    Config(tiny_model, max_num_batched_tokens=511, max_model_len=512, scheduling_policy="chunked")
+        Config(tiny_model, max_num_batched_tokens=511, max_model_len=512, scheduling_policy="prefill_first")
+    Config(tiny_model, max_num_batched_tokens=512, max_model_len=512, scheduling_policy="prefill_first")
+    # The default policy (chunked, as nano-vLLM's current default) prefills a longer prompt in pieces.
+    assert Config(tiny_model, max_num_batched_tokens=511, max_model_len=512).scheduling_policy == "chunked"
 
 
 def test_model_folder_problems(tiny_model, tmp_path):

@@ -16,11 +16,10 @@ import torch
 from transformers import AutoConfig
 
 from nanovllm.layers.activation import SiluAndMul
-from nanovllm.layers.attention import Attention, TorchBackend
+from nanovllm.layers.attention import Attention, AttentionMetadata, TorchBackend
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
-from nanovllm.utils.context import Context, reset_context, set_context
 from nanovllm.utils.loader import load_model
 
 pytestmark = pytest.mark.cuda
@@ -168,13 +167,13 @@ def test_cuda_graph_replay(device: torch.device) -> None:
             assert torch.equal(a, b)
 
 
-def attention_context(cached: list[int], new: list[int], block_size: int, blocks_per_seq: int, device: torch.device) -> Context:
+def attention_metadata(cached: list[int], new: list[int], block_size: int, blocks_per_seq: int, device: torch.device) -> AttentionMetadata:
     """Attention metadata for sequences that own blocks [b * blocks_per_seq, (b + 1) * blocks_per_seq)."""
     seq_lens = [c + n for c, n in zip(cached, new)]
     slots = [b * blocks_per_seq * block_size + p for b, (c, n) in enumerate(zip(cached, new)) for p in range(c, c + n)]
     cu_seqlens_q = torch.tensor([0, *new], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     block_tables = torch.arange(len(new) * blocks_per_seq, dtype=torch.int32).view(len(new), blocks_per_seq)
-    return Context(
+    return AttentionMetadata(
         is_decode=all(n == 1 for n in new),
         cu_seqlens_q=cu_seqlens_q.to(device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
@@ -199,11 +198,11 @@ def hidden_states(model: Qwen3ForCausalLM, device: torch.device, steps: list[tup
     with torch.inference_mode():
         for cached, new, input_ids in steps:
             positions = torch.cat([torch.arange(c, c + n) for c, n in zip(cached, new)])
-            set_context(attention_context(cached, new, block_size, blocks_per_seq, device))
+            backend.begin_step(attention_metadata(cached, new, block_size, blocks_per_seq, device))
             try:
                 outputs.append(model(input_ids.to(device), positions.to(device)).cpu())
             finally:
-                reset_context()
+                backend.end_step()
     return outputs
 
 

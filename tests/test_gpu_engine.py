@@ -38,14 +38,31 @@ def test_triton_fp32_matches_hf(tiny_model, hf, prompts):
     llm.exit()
 
 
-def test_cuda_graphs_equal_eager_and_prefix_hits(tiny_model, prompts):
+def replayed_shapes(llm: LLM) -> list:
+    """Record the graph shape of every replay from now on."""
+    runner = llm.model_runner.graph_runner
+    shapes, replay = [], runner.replay
+
+    def recording(shape, *args):
+        shapes.append(shape)
+        return replay(shape, *args)
+
+    runner.replay = recording
+    return shapes
+
+
+@pytest.mark.parametrize("policy", ["chunked", "prefill_first"])
+def test_cuda_graphs_equal_eager_and_prefix_hits(tiny_model, prompts, policy):
+    """Every step kind replays a graph (decode, prefill, mixed) and gives eager's tokens."""
     shared = [prompts[0][:1] * 40 + p for p in prompts[:8]]
-    graphed = cuda_llm(tiny_model, attention_backend="triton")
+    graphed = cuda_llm(tiny_model, attention_backend="triton", scheduling_policy=policy, max_num_batched_tokens=1024)
+    shapes = replayed_shapes(graphed)
     first = greedy_tokens(graphed, prompts + shared)
     again = greedy_tokens(graphed, shared)
     assert graphed.scheduler.block_manager.num_hit_tokens > 0
+    assert any(s.is_decode for s in shapes) and any(not s.is_decode for s in shapes)
     graphed.exit()
-    eager = cuda_llm(tiny_model, attention_backend="triton", enforce_eager=True)
+    eager = cuda_llm(tiny_model, attention_backend="triton", enforce_eager=True, scheduling_policy=policy, max_num_batched_tokens=1024)
     assert not eager.runtime.cuda_graphs
     assert greedy_tokens(eager, prompts + shared) == first
     assert first[len(prompts):] == again
@@ -62,6 +79,67 @@ def test_triton_matches_torch_backend_low_precision(tiny_model, prompts, dtype):
         llm.exit()
     same_first = sum(a[0] == b[0] for a, b in zip(*outputs))
     assert same_first >= len(prompts) - 1
+
+
+def test_auto_backend_on_fp32_is_triton(tiny_model):
+    """flash-attn runs fp16/bf16 only: "auto" must not pick it for an fp32 model, installed or not."""
+    llm = cuda_llm(tiny_model, enforce_eager=True)
+    assert llm.runtime.attention_backend == "triton"
+    llm.exit()
+
+
+@pytest.fixture(scope="module")
+def model_hd128(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny checkpoint with head_dim 128 (the size the device's flash-attn wheel is built for)."""
+    from nanovllm import testing
+
+    testing.PRESETS["tiny-hd128"] = {**testing.PRESETS["tiny"], "head_dim": 128}
+    try:
+        return str(testing.make_checkpoint(tmp_path_factory.mktemp("hd128"), "tiny-hd128", dtype="bfloat16"))
+    finally:
+        del testing.PRESETS["tiny-hd128"]
+
+
+def step_logits(llm: LLM, inputs) -> torch.Tensor:
+    with torch.inference_mode():
+        return llm.model_runner.execute(inputs).float()
+
+
+def test_flash_attn_backend_matches_torch_reference(model_hd128):
+    """flash_attn's logits within bf16 tolerance of the torch backend's, for a prefill then a mixed step
+    (chunks over a cached prefix beside decodes); then a whole graphed run completes."""
+    pytest.importorskip("flash_attn")
+    import numpy as np
+
+    from nanovllm.engine.inputs import prefill_inputs
+
+    settings = dict(dtype="bfloat16", kvcache_block_size=256, num_kvcache_blocks=64, max_model_len=1024)
+    logits = {}
+    for backend in ("torch", "flash_attn"):
+        llm = cuda_llm(model_hd128, attention_backend=backend, enforce_eager=True, **settings)
+        prefill = prefill_inputs(4, 300, 256)
+        prefill.input_ids = np.random.default_rng(0).integers(3, 1900, prefill.input_ids.shape)
+        first = step_logits(llm, prefill)
+        # Sequences 0 and 1 decode one token, 2 and 3 prefill 40 more over their 300 cached tokens.
+        counts = np.array([1, 1, 40, 40])
+        mixed = prefill_inputs(4, 340, 256)
+        keep = np.concatenate([np.arange(i * 340 + 300, i * 340 + 300 + n) for i, n in enumerate(counts)])
+        mixed.input_ids = np.random.default_rng(1).integers(3, 1900, len(keep))
+        mixed.positions, mixed.slot_mapping = mixed.positions[keep], mixed.slot_mapping[keep]
+        mixed.cu_seqlens_q = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        mixed.seq_lens = (300 + counts).astype(np.int32)
+        mixed.logits_indices = (mixed.cu_seqlens_q[1:] - 1).astype(np.int64)
+        mixed.max_seqlen_k = 340
+        logits[backend] = (first, step_logits(llm, mixed))
+        llm.exit()
+    for got, ref in zip(logits["flash_attn"], logits["torch"]):
+        assert (got - ref).abs().max() <= 0.03 * ref.abs().max()
+    llm = cuda_llm(model_hd128, attention_backend="flash_attn", **settings)
+    assert llm.runtime.cuda_graphs
+    shapes = replayed_shapes(llm)
+    outputs = llm.generate(random_prompts(8, 1, 300, 1900, seed=3), GREEDY, use_tqdm=False)
+    assert all(len(o["token_ids"]) == 32 for o in outputs) and any(not s.is_decode for s in shapes)
+    llm.exit()
 
 
 def test_preemption_on_gpu(tiny_model, hf, prompts):
@@ -95,3 +173,45 @@ def test_tensor_parallel_two_gpus_matches_tp1(tiny_model, hf, prompts, enforce_e
     llm.exit()
     assert not multiprocessing.active_children()
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"nanovllm-{os.getpid()}-")]
+
+
+@pytest.fixture(scope="module")
+def peaked_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A Qwen3-0.6B-shaped checkpoint written by transformers' own class with a large initializer_range
+    (peaked logits, so bf16 rounding rarely flips an argmax), in bf16, with the checkpoint maker's tokenizer."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from nanovllm import testing
+
+    path = testing.make_checkpoint(tmp_path_factory.mktemp("peaked"), "tiny")
+    config = Qwen3Config(**{**testing.PRESETS["qwen3-0.6b"], "initializer_range": 0.2})
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    return str(path)
+
+
+def test_bf16_production_path_matches_hf(peaked_model):
+    """As users run it (bf16, CUDA graphs, overlap, the default policy, prefix hits): greedy tokens equal
+    to HF transformers in fp32 on at least 15 of 16 prompts x 32 tokens."""
+    from transformers import Qwen3ForCausalLM
+
+    prefix = random_prompts(1, 300, 300, 1900, seed=5)[0]
+    prompts = [prefix + p for p in random_prompts(16, 1, 200, 1900, seed=6)]
+    hf_model = Qwen3ForCausalLM.from_pretrained(peaked_model, dtype=torch.float32).cuda().eval()
+    expected = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            out = hf_model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+            expected.append(out[0, len(prompt):].tolist())
+    del hf_model
+    torch.cuda.empty_cache()
+    llm = LLM(peaked_model, max_model_len=1024, gpu_memory_utilization=0.3)
+    assert llm.runtime.dtype == torch.bfloat16 and llm.runtime.cuda_graphs and llm.runtime.overlap
+    assert llm.config.scheduling_policy == "chunked"
+    # The first prompt alone, so that the others find the shared prefix in the cache.
+    got = [o["token_ids"] for batch in (prompts[:1], prompts[1:]) for o in llm.generate(batch, GREEDY, use_tqdm=False)]
+    assert llm.scheduler.block_manager.num_hit_tokens > 0
+    llm.exit()
+    equal = sum(a == b for a, b in zip(got, expected))
+    first_diffs = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(got, expected)]
+    assert equal >= 15, f"{equal} of 16 prompts equal; first differing position per prompt: {first_diffs}"

@@ -10,45 +10,20 @@ import numpy as np
 import torch
 
 from nanovllm.config import Config
+from nanovllm.engine.graph_runner import GraphRunner
+from nanovllm.engine.inputs import StepInputs, build_step_inputs, prefill_inputs, to_device
 from nanovllm.engine.rpc import Call, CommandReader, WorkerEnd, Workers
 from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.engine.sequence import PENDING, Sequence
-from nanovllm.layers.attention import Attention, select_backend
+from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.attention import Attention, AttentionMetadata, select_backend
 from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingTensors
 from nanovllm.models.registry import resolve_model_class
-from nanovllm.utils.context import Context, reset_context, set_context
 from nanovllm.utils.loader import load_model
 from nanovllm.utils.parallel import TPGroup, building_with, create_store
 
 logger = logging.getLogger("nanovllm")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class StepInputs:
-    """Host arrays for one forward pass: the whole message a TP worker needs (B seqs, N tokens, S sampled).
-
-    input_ids/positions int64 [N]; slot_mapping int32 [N]; cu_seqlens_q int32 [B+1];
-    seq_lens int32 [B]; block_tables int32 [B, W] padded with -1; logits_indices int64 [S].
-    Under overlap scheduling some input ids are PENDING: `input_ids[pending_rows]` is taken on the
-    device from row `pending_src` of the previous step's sampled tokens (rank 0 broadcasts them to
-    the other ranks when `share_sampled`).
-    """
-
-    input_ids: np.ndarray
-    positions: np.ndarray
-    slot_mapping: np.ndarray
-    cu_seqlens_q: np.ndarray
-    seq_lens: np.ndarray
-    block_tables: np.ndarray
-    logits_indices: np.ndarray
-    max_seqlen_q: int
-    max_seqlen_k: int
-    is_decode: bool
-    pending_rows: np.ndarray
-    pending_src: np.ndarray
-    share_sampled: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,7 +75,8 @@ def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    """Owns the model, the paged KV cache `[2, layers, blocks, block_size, kv_heads, head_dim]` and CUDA graphs.
+    """Owns the model, the paged KV cache `[2, layers, blocks, block_size, kv_heads, head_dim]`, the
+    attention backend and (on CUDA) the GraphRunner that replays every step shape it captured.
 
     With tensor parallelism every rank has one, joined by `store`; rank 0's also gets the `workers`
     (ranks 1..N-1, other processes) and starts each step on them before running it itself.
@@ -128,21 +104,27 @@ class ModelRunner:
         self.sampler = Sampler()
         self.vocab_size = hf.vocab_size
         self.max_blocks_per_seq = (config.max_model_len + self.block_size - 1) // self.block_size
-        self.backend = select_backend(config.attention_backend, self.device, self.block_size)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        first = self.attention_layers[0]
+        self.backend = select_backend(config.attention_backend, self.device, self.block_size, self.dtype, first.head_dim)
         for layer in self.attention_layers:
             layer.backend = self.backend
-        first = self.attention_layers[0]
         self.kv_shape = (len(self.attention_layers), self.block_size, first.num_kv_heads, first.head_dim)
         self.overlap = self.device.type == "cuda" if config.overlap_scheduling is None else config.overlap_scheduling
         self.share_sampled = self.overlap and self.group.size > 1
         self.last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.sample_rows: dict[int, int] = {}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_runner: GraphRunner | None = None
         self.kv_cache = self._allocate_kv_cache(self._num_kv_blocks())
-        if self.device.type == "cuda" and not config.enforce_eager:
-            self._capture_cuda_graphs()
-        self.info = RuntimeInfo(self.device, self.dtype, self.kv_cache.shape[2], self.backend.name, bool(self.graphs), self.overlap)
+        if self.device.type == "cuda":
+            self._warm_up_sampler()
+            if not config.enforce_eager:
+                self.graph_runner = GraphRunner(
+                    self.model, self.backend, config.max_num_seqs, config.max_num_batched_tokens, self.max_blocks_per_seq,
+                    config.max_model_len, hf.hidden_size, self.dtype, self.device,
+                )
+                self.graph_runner.capture()
+        self.info = RuntimeInfo(self.device, self.dtype, self.kv_cache.shape[2], self.backend.name, self.graph_runner is not None, self.overlap)
 
     # ---- KV cache -------------------------------------------------------------------------
 
@@ -184,7 +166,7 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         self.kv_cache = self._allocate_kv_cache(temp_blocks)
-        self.execute(self._warmup_inputs(num_seqs, seq_len))
+        self.execute(prefill_inputs(num_seqs, seq_len, self.block_size))
         torch.cuda.synchronize()
         self.kv_cache = self._allocate_kv_cache(0)
         torch.cuda.empty_cache()
@@ -197,72 +179,23 @@ class ModelRunner:
             self.group.all_reduce(num_blocks, op=torch.distributed.ReduceOp.MIN)
         return int(num_blocks.item())
 
-    def _warmup_inputs(self, num_seqs: int, seq_len: int) -> StepInputs:
-        blocks_per_seq = (seq_len + self.block_size - 1) // self.block_size
-        block_tables = np.arange(num_seqs * blocks_per_seq, dtype=np.int32).reshape(num_seqs, blocks_per_seq)
-        positions = np.tile(np.arange(seq_len, dtype=np.int64), num_seqs)
-        return StepInputs(
-            input_ids=np.zeros(num_seqs * seq_len, dtype=np.int64),
-            positions=positions,
-            slot_mapping=(np.repeat(np.arange(num_seqs), seq_len) * blocks_per_seq * self.block_size + positions).astype(np.int32),
-            cu_seqlens_q=np.arange(0, (num_seqs + 1) * seq_len, seq_len, dtype=np.int32),
-            seq_lens=np.full(num_seqs, seq_len, dtype=np.int32),
-            block_tables=block_tables,
-            logits_indices=np.arange(seq_len - 1, num_seqs * seq_len, seq_len, dtype=np.int64),
-            max_seqlen_q=seq_len,
-            max_seqlen_k=seq_len,
-            is_decode=False,
-            pending_rows=np.zeros(0, dtype=np.int64),
-            pending_src=np.zeros(0, dtype=np.int64),
-        )
+    def _warm_up_sampler(self) -> None:
+        """Compile the sampling kernels (greedy, and a temperature row beside a greedy one) before any request."""
+        logits = torch.zeros(2, self.vocab_size, dtype=self.dtype, device=self.device)
+        for temperatures in ([0.0, 0.0], [0.0, 1.0]):
+            greedy = [t == 0 for t in temperatures]
+            tensors = SamplingTensors(self._to_device(np.asarray(temperatures, dtype=np.float32)), all_greedy=all(greedy), any_greedy=any(greedy))
+            self.sampler(logits, tensors)
+        torch.cuda.synchronize()
 
     # ---- inputs ---------------------------------------------------------------------------
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Build the step's host arrays from sequence state (before `Scheduler.advance`)."""
-        bs = self.block_size
-        num_seqs = len(batch.seqs)
-        block_tables = np.full((num_seqs, max(len(s.block_table) for s in batch.seqs)), -1, dtype=np.int32)
-        for i, seq in enumerate(batch.seqs):
-            block_tables[i, : len(seq.block_table)] = seq.block_table
-        starts = np.fromiter((s.num_computed_tokens for s in batch.seqs), dtype=np.int64, count=num_seqs)
-        counts = np.asarray(batch.num_new_tokens, dtype=np.int64)
-        ends = starts + counts
-        cu_seqlens_q = np.zeros(num_seqs + 1, dtype=np.int32)
-        np.cumsum(counts, out=cu_seqlens_q[1:])
-        if batch.is_decode:
-            input_ids = np.fromiter((s.token_ids[e - 1] for s, e in zip(batch.seqs, ends.tolist())), dtype=np.int64, count=num_seqs)
-            positions = starts
-        else:
-            input_ids = np.concatenate([np.asarray(s.token_ids[b:e], dtype=np.int64) for s, b, e in zip(batch.seqs, starts.tolist(), ends.tolist())])
-            positions = np.concatenate([np.arange(b, e, dtype=np.int64) for b, e in zip(starts.tolist(), ends.tolist())])
-        seq_index = np.repeat(np.arange(num_seqs), counts)
-        slot_mapping = (block_tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs).astype(np.int32)
-        samples = np.fromiter((e == s.num_tokens for s, e in zip(batch.seqs, ends.tolist())), dtype=bool, count=num_seqs)
-        pending_rows = np.flatnonzero(input_ids == PENDING)
-        pending_src = np.fromiter((self.sample_rows[batch.seqs[i].seq_id] for i in seq_index[pending_rows].tolist()), dtype=np.int64, count=len(pending_rows))
-        return StepInputs(
-            input_ids=input_ids,
-            positions=positions,
-            slot_mapping=slot_mapping,
-            cu_seqlens_q=cu_seqlens_q,
-            seq_lens=ends.astype(np.int32),
-            block_tables=block_tables,
-            logits_indices=(cu_seqlens_q[1:][samples] - 1).astype(np.int64),
-            max_seqlen_q=int(counts.max()),
-            max_seqlen_k=int(ends.max()),
-            is_decode=batch.is_decode,
-            pending_rows=pending_rows,
-            pending_src=pending_src,
-            share_sampled=self.share_sampled,
-        )
+        return build_step_inputs(batch, self.block_size, self.sample_rows, self.share_sampled)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        """Host array -> device tensor through pinned memory, without waiting for the device."""
-        tensor = torch.from_numpy(array)
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
+        return to_device(array, self.device)
 
     def sampling_tensors(self, seqs: list[Sequence], eos_token_ids: frozenset[int]) -> SamplingTensors:
         """Per-row sampling parameters for the sequences that sample this step (filters only where some row
@@ -303,22 +236,29 @@ class ModelRunner:
     # ---- execution ------------------------------------------------------------------------
 
     def execute(self, inputs: StepInputs) -> torch.Tensor | None:
-        """Forward pass; returns logits [S, V] for the sampled rows on rank 0 (None on other ranks)."""
-        graph_bs = self._graph_batch_size(inputs)
-        if graph_bs:
-            hidden = self._replay(inputs, graph_bs)
+        """Forward pass (a graph replay where a captured shape holds the step); returns logits [S, V]
+        for the sampled rows on rank 0 (None on other ranks)."""
+        input_ids = self._input_ids(inputs, self._to_device(inputs.input_ids))
+        positions = self._to_device(inputs.positions)
+        shape = self.graph_runner and self.graph_runner.shape_for(inputs.num_tokens, inputs.num_seqs, inputs.is_decode)
+        if shape:
+            hidden = self.graph_runner.replay(shape, inputs, input_ids, positions)
         else:
-            set_context(Context(
-                is_decode=inputs.is_decode,
+            # max_seqlen_q is the token count, as in the graphs: kernel tiles then depend on the step's size
+            # only, so the variants a run needs are those compiled at start-up.
+            self.backend.begin_step(AttentionMetadata(
                 cu_seqlens_q=self._to_device(inputs.cu_seqlens_q),
                 seq_lens=self._to_device(inputs.seq_lens),
                 slot_mapping=self._to_device(inputs.slot_mapping),
                 block_tables=self._to_device(inputs.block_tables),
-                max_seqlen_q=inputs.max_seqlen_q,
+                max_seqlen_q=inputs.num_tokens,
                 max_seqlen_k=inputs.max_seqlen_k,
+                is_decode=inputs.is_decode,
             ))
-            hidden = self.model(self._input_ids(inputs, self._to_device(inputs.input_ids)), self._to_device(inputs.positions))
-        reset_context()
+            try:
+                hidden = self.model(input_ids, positions)
+            finally:
+                self.backend.end_step()
         return self.model.compute_logits(hidden, self._to_device(inputs.logits_indices))
 
     def _input_ids(self, inputs: StepInputs, input_ids: torch.Tensor) -> torch.Tensor:
@@ -373,66 +313,11 @@ class ModelRunner:
         The CUDA graphs go first: a graph that captured NCCL collectives holds a reference on the
         communicator, and NCCL's teardown waits for every such reference to be dropped.
         """
-        for graph in self.graphs.values():
-            graph.reset()
-        self.graphs.clear()
+        if self.graph_runner is not None:
+            self.graph_runner.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.group.close()
-
-    # ---- CUDA graphs ------------------------------------------------------------------------
-
-    def _graph_batch_size(self, inputs: StepInputs) -> int:
-        if not self.graphs or not inputs.is_decode:
-            return 0
-        num_seqs = len(inputs.seq_lens)
-        return next((bs for bs in self.graph_sizes if bs >= num_seqs), 0)
-
-    @torch.inference_mode()
-    def _capture_cuda_graphs(self) -> None:
-        """Capture decode steps for batch sizes 1, 2, 4, 8, 16, 32, ... up to min(max_num_seqs, 512)."""
-        max_bs = min(self.config.max_num_seqs, 512)
-        self.graph_sizes = [bs for bs in (1, 2, 4, 8) if bs <= max_bs] + list(range(16, max_bs + 1, 16))
-        if self.graph_sizes[-1] != max_bs:
-            self.graph_sizes.append(max_bs)
-        device, width = self.device, self.max_blocks_per_seq
-        hidden_size = self.config.hf_config.hidden_size
-        self.graph_vars = {
-            "input_ids": torch.zeros(max_bs, dtype=torch.int64, device=device),
-            "positions": torch.zeros(max_bs, dtype=torch.int64, device=device),
-            "slot_mapping": torch.full((max_bs,), -1, dtype=torch.int32, device=device),
-            "seq_lens": torch.zeros(max_bs, dtype=torch.int32, device=device),
-            "block_tables": torch.zeros(max_bs, width, dtype=torch.int32, device=device),
-            "cu_seqlens_q": torch.arange(max_bs + 1, dtype=torch.int32, device=device),
-            "hidden": torch.zeros(max_bs, hidden_size, dtype=self.dtype, device=device),
-        }
-        v = self.graph_vars
-        pool = None
-        for bs in reversed(self.graph_sizes):
-            graph = torch.cuda.CUDAGraph()
-            set_context(Context(True, v["cu_seqlens_q"][: bs + 1], v["seq_lens"][:bs], v["slot_mapping"][:bs], v["block_tables"][:bs], 1, self.config.max_model_len))
-            v["hidden"][:bs] = self.model(v["input_ids"][:bs], v["positions"][:bs])
-            with torch.cuda.graph(graph, pool):
-                v["hidden"][:bs] = self.model(v["input_ids"][:bs], v["positions"][:bs])
-            pool = pool or graph.pool()
-            self.graphs[bs] = graph
-            torch.cuda.synchronize()
-        reset_context()
-
-    def _replay(self, inputs: StepInputs, graph_bs: int) -> torch.Tensor:
-        v = self.graph_vars
-        n = len(inputs.seq_lens)
-        v["input_ids"][:n] = self._to_device(inputs.input_ids)
-        self._input_ids(inputs, v["input_ids"][:n])
-        v["positions"][:n] = self._to_device(inputs.positions)
-        v["slot_mapping"][n:graph_bs] = -1
-        v["slot_mapping"][:n] = self._to_device(inputs.slot_mapping)
-        v["seq_lens"][n:graph_bs] = 0
-        v["seq_lens"][:n] = self._to_device(inputs.seq_lens)
-        width = inputs.block_tables.shape[1]
-        v["block_tables"][:n, :width] = self._to_device(inputs.block_tables)
-        self.graphs[graph_bs].replay()
-        return v["hidden"][:n]
 
 
 def run_worker(config: Config, port: int, rank: int, end: WorkerEnd) -> None:

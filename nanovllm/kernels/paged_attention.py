@@ -85,6 +85,7 @@ def _varlen_kernel(
     PAGE: tl.constexpr,
     SEARCH_BLOCK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SKIP_SINGLE: tl.constexpr,
 ):
     """Causal attention for one tile of BLOCK_Q query tokens x GROUP heads of one KV head.
 
@@ -94,7 +95,7 @@ def _varlen_kernel(
     exit at once. A program finds its sequence by counting the first slots <= its own,
     SEARCH_BLOCK sequences per vector load. Row r of the tile is query token
     r // GROUP_PAD, head kv_head * GROUP + r % GROUP_PAD (rows with r % GROUP_PAD >= GROUP
-    are padding).
+    are padding). With SKIP_SINGLE, sequences of one query token are left to the decode kernel.
     q: [num_tokens, num_q_heads, HEAD_DIM]; out: same; caches:
     [num_blocks, PAGE, num_kv_heads, HEAD_DIM]; cu_seqlens_q: int32 [num_seqs + 1];
     seq_lens: int32 [num_seqs]; block_tables: int32 [num_seqs, bt_stride-strided].
@@ -113,6 +114,9 @@ def _varlen_kernel(
 
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    if SKIP_SINGLE:
+        if q_len == 1:
+            return
     num_q_tiles = tl.cdiv(q_len, BLOCK_Q)
     slot_in_seq = tile_slot - (q_start // BLOCK_Q + seq)
     if slot_in_seq >= num_q_tiles:
@@ -196,6 +200,7 @@ def _decode_split_kernel(
     out_ptr,
     part_o_ptr,
     part_lse_ptr,
+    cu_seqlens_q_ptr,
     seq_lens_ptr,
     block_tables_ptr,
     scale_log2,
@@ -215,6 +220,7 @@ def _decode_split_kernel(
     PAGE: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    MIXED: tl.constexpr,
 ):
     """Attention of one decode token over one KV split, all GROUP heads of a KV head at once.
 
@@ -227,11 +233,20 @@ def _decode_split_kernel(
     q: [batch, NUM_Q_HEADS, HEAD_DIM]; out: same; caches:
     [num_blocks, PAGE, num_kv_heads, HEAD_DIM]; seq_lens: int32 [batch];
     block_tables: int32 [batch, bt_stride-strided].
+    MIXED (NUM_SPLITS == 1 only): a batch of sequences with any query lengths, token rows given by
+    cu_seqlens_q int32 [batch + 1]; a program serves its sequence only if it has exactly one query
+    token (row cu_seqlens_q[seq]) and exits otherwise.
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
+    row = seq.to(tl.int64)
+    if MIXED:
+        q_start = tl.load(cu_seqlens_q_ptr + seq)
+        if tl.load(cu_seqlens_q_ptr + seq + 1) - q_start != 1:
+            return
+        row = q_start.to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + seq)
     split_tokens = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * split_tokens
@@ -245,7 +260,7 @@ def _decode_split_kernel(
     seq64 = seq.to(tl.int64)
 
     q = tl.load(
-        q_ptr + seq64 * q_stride_b + head[:, None] * q_stride_h + offs_d[None, :],
+        q_ptr + row * q_stride_b + head[:, None] * q_stride_h + offs_d[None, :],
         mask=group_valid[:, None],
         other=0.0,
     )
@@ -275,7 +290,7 @@ def _decode_split_kernel(
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     if NUM_SPLITS == 1:
         tl.store(
-            out_ptr + seq64 * o_stride_b + head[:, None] * o_stride_h + offs_d[None, :],
+            out_ptr + row * o_stride_b + head[:, None] * o_stride_h + offs_d[None, :],
             acc.to(out_ptr.dtype.element_ty),
             mask=group_valid[:, None],
         )
@@ -387,6 +402,7 @@ def _launch_varlen(
     num_warps: int,
     num_stages: int,
     maxnreg: int | None,
+    skip_single: bool = False,
 ) -> None:
     """Launch the varlen kernel with an explicit tile configuration (block_m >= GQA group, pow2;
     maxnreg caps registers per thread, None leaves it to the compiler)."""
@@ -424,9 +440,66 @@ def _launch_varlen(
         PAGE=block_size,
         SEARCH_BLOCK=256,
         DOT_PRECISION=_dot_precision(q.dtype),
+        SKIP_SINGLE=skip_single,
         num_warps=num_warps,
         num_stages=num_stages,
         maxnreg=maxnreg,
+    )
+
+
+def _check_varlen_args(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_seqlen_q: int,
+) -> None:
+    _check_cache_and_q(q, k_cache, v_cache, out, block_tables)
+    num_seqs = seq_lens.shape[0]
+    if seq_lens.dim() != 1 or seq_lens.dtype != torch.int32:
+        raise ValueError(f"seq_lens must be int32 [batch], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+    if cu_seqlens_q.shape != (num_seqs + 1,) or cu_seqlens_q.dtype != torch.int32:
+        raise ValueError(
+            f"cu_seqlens_q must be int32 [{num_seqs + 1}], got {cu_seqlens_q.dtype} {tuple(cu_seqlens_q.shape)}"
+        )
+    if block_tables.shape[0] != num_seqs:
+        raise ValueError(f"block_tables has {block_tables.shape[0]} rows for {num_seqs} sequences")
+    if max_seqlen_q < 1:
+        raise ValueError(f"max_seqlen_q must be >= 1, got {max_seqlen_q}")
+
+
+def _run_varlen(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_seqlen_q: int,
+    scale: float,
+    skip_single: bool,
+) -> None:
+    """The varlen kernel with its tile chosen from static facts (dtype, head_dim, GQA group, max_seqlen_q)."""
+    group_pad = triton.next_power_of_2(q.shape[1] // k_cache.shape[2])
+    if q.dtype == torch.float32:
+        max_block_m, block_n = 32, 16
+    elif q.shape[2] > 128:
+        max_block_m, block_n = 64, 32
+    else:
+        max_block_m, block_n = 128, 64
+    block_m = min(max_block_m, max(16, group_pad * triton.next_power_of_2(max_seqlen_q)))
+    block_m = max(block_m, group_pad)
+    num_warps = 8 if block_m >= 128 or q.dtype == torch.float32 else 4
+    # Capping the 128 x 64 tile at 128 registers lets two programs share an SM (measured on
+    # H100: 254 vs 196 TFLOP/s for 256 causal prefills of 560 tokens, head_dim 128).
+    maxnreg = 128 if block_m == 128 and block_n == 64 else None
+    _launch_varlen(
+        q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, scale, block_m, block_n, num_warps, 2, maxnreg,
+        skip_single,
     )
 
 
@@ -459,36 +532,37 @@ def paged_attention_varlen(
         max_seqlen_q: largest query length in the batch (host int, used for tiling only).
         scale: softmax scale, usually head_dim ** -0.5.
     """
-    _check_cache_and_q(q, k_cache, v_cache, out, block_tables)
-    num_seqs = seq_lens.shape[0]
-    if seq_lens.dim() != 1 or seq_lens.dtype != torch.int32:
-        raise ValueError(f"seq_lens must be int32 [batch], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
-    if cu_seqlens_q.shape != (num_seqs + 1,) or cu_seqlens_q.dtype != torch.int32:
-        raise ValueError(
-            f"cu_seqlens_q must be int32 [{num_seqs + 1}], got {cu_seqlens_q.dtype} {tuple(cu_seqlens_q.shape)}"
-        )
-    if block_tables.shape[0] != num_seqs:
-        raise ValueError(f"block_tables has {block_tables.shape[0]} rows for {num_seqs} sequences")
-    if max_seqlen_q < 1:
-        raise ValueError(f"max_seqlen_q must be >= 1, got {max_seqlen_q}")
-    if num_seqs == 0 or q.shape[0] == 0:
+    _check_varlen_args(q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q)
+    if seq_lens.shape[0] == 0 or q.shape[0] == 0:
         return
-    group_pad = triton.next_power_of_2(q.shape[1] // k_cache.shape[2])
-    if q.dtype == torch.float32:
-        max_block_m, block_n = 32, 16
-    elif q.shape[2] > 128:
-        max_block_m, block_n = 64, 32
-    else:
-        max_block_m, block_n = 128, 64
-    block_m = min(max_block_m, max(16, group_pad * triton.next_power_of_2(max_seqlen_q)))
-    block_m = max(block_m, group_pad)
-    num_warps = 8 if block_m >= 128 or q.dtype == torch.float32 else 4
-    # Capping the 128 x 64 tile at 128 registers lets two programs share an SM (measured on
-    # H100: 254 vs 196 TFLOP/s for 256 causal prefills of 560 tokens, head_dim 128).
-    maxnreg = 128 if block_m == 128 and block_n == 64 else None
-    _launch_varlen(
-        q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, scale, block_m, block_n, num_warps, 2, maxnreg
-    )
+    _run_varlen(q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q, scale, False)
+
+
+def paged_attention_mixed(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_seqlen_q: int,
+    scale: float,
+) -> None:
+    """`paged_attention_varlen`'s contract, split by query length: sequences with one query token
+    (decodes) go to the decode kernel, one program per (sequence, KV head) reading the whole KV
+    once, and the rest to the varlen kernel, whose tiles of up to 64 query tokens would waste most
+    of their rows on a single token.
+
+    CUDA-graph capturable for a fixed q shape, batch and max_seqlen_q: which sequence is which kind
+    is decided on the device. Padding sequences (query length 0) are skipped by both kernels.
+    """
+    _check_varlen_args(q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q)
+    if seq_lens.shape[0] == 0 or q.shape[0] == 0:
+        return
+    block_n, num_warps = _decode_tile(q)
+    _launch_decode(q, k_cache, v_cache, out, seq_lens, block_tables, scale, 1, block_n, num_warps, 2, cu_seqlens_q)
+    _run_varlen(q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q, scale, True)
 
 
 def _launch_decode(
@@ -503,9 +577,11 @@ def _launch_decode(
     block_n: int,
     num_warps: int,
     num_stages: int,
+    cu_seqlens_q: torch.Tensor | None = None,
 ) -> None:
-    """Launch the split-KV decode kernel (and the merge kernel when num_splits > 1)."""
-    batch, num_q_heads, head_dim = q.shape
+    """Launch the split-KV decode kernel (and the merge kernel when num_splits > 1). With
+    `cu_seqlens_q` (one split only) the batch is mixed: see the kernel's MIXED mode."""
+    batch, num_q_heads, head_dim = seq_lens.shape[0], q.shape[1], q.shape[2]
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
     if num_splits > 1:
@@ -521,6 +597,7 @@ def _launch_decode(
         out,
         part_o,
         part_lse,
+        seq_lens if cu_seqlens_q is None else cu_seqlens_q,
         seq_lens,
         block_tables,
         scale * _LOG2E,
@@ -540,6 +617,7 @@ def _launch_decode(
         PAGE=block_size,
         NUM_SPLITS=num_splits,
         DOT_PRECISION=_dot_precision(q.dtype),
+        MIXED=cu_seqlens_q is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -556,6 +634,15 @@ def _launch_decode(
             BLOCK_S=triton.next_power_of_2(num_splits),
             num_warps=4,
         )
+
+
+def _decode_tile(q: torch.Tensor) -> tuple[int, int]:
+    """(block_n, num_warps) of the decode kernel for q's dtype and head_dim."""
+    if q.dtype == torch.float32:
+        return 32, 8
+    if q.shape[2] > 128:
+        return 32, 4
+    return 64, 4
 
 
 def _decode_num_splits(batch: int, num_kv_heads: int, max_kv_len: int, device: torch.device) -> int:
@@ -604,12 +691,6 @@ def paged_attention_decode(
         raise ValueError(f"block_tables has {block_tables.shape[0]} rows for batch {batch}")
     if batch == 0:
         return
-    block_size = k_cache.shape[1]
-    if q.dtype == torch.float32:
-        block_n, num_warps = 32, 8
-    elif q.shape[2] > 128:
-        block_n, num_warps = 32, 4
-    else:
-        block_n, num_warps = 64, 4
-    num_splits = _decode_num_splits(batch, k_cache.shape[2], block_tables.shape[1] * block_size, q.device)
+    block_n, num_warps = _decode_tile(q)
+    num_splits = _decode_num_splits(batch, k_cache.shape[2], block_tables.shape[1] * k_cache.shape[1], q.device)
     _launch_decode(q, k_cache, v_cache, out, seq_lens, block_tables, scale, num_splits, block_n, num_warps, 2)

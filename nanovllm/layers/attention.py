@@ -1,46 +1,85 @@
 """Paged attention layer and its backends (torch reference, Triton, flash-attn).
 
 Every backend stores this step's K/V into the paged cache, then attends each new query token
-to the KV positions 0..its own position through the block table. GPU backends import their
-kernels lazily, so a CPU process never loads Triton or flash-attn.
+to the KV positions 0..its own position through the block table. A backend owns its per-step
+metadata: the runner (or a CUDA graph's capture) hands it one `AttentionMetadata` per step with
+`begin_step`, the backend derives what its kernels need once, and every layer reads it from there.
+GPU backends import their kernels lazily, so a CPU process never loads Triton or flash-attn.
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
-from typing import Protocol
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from nanovllm.utils.context import Context, get_context
-
 logger = logging.getLogger("nanovllm")
 
 
-class AttentionBackend(Protocol):
+@dataclass
+class AttentionMetadata:
+    """Attention inputs of one step, on the device (B sequences, N new tokens).
+
+    cu_seqlens_q: int32 [B+1], prefix sums of new tokens per sequence.
+    seq_lens: int32 [B], KV length per sequence including this step's tokens.
+    slot_mapping: int32 [N], cache slot of each new token (-1: padding, not stored).
+    block_tables: int32 [B, max_blocks], padded with -1.
+    max_seqlen_q / max_seqlen_k: host upper bounds (size kernels without a device sync).
+    is_decode: every sequence has exactly one new token.
+    Under a CUDA graph B and N are the graph's padded sizes: padding sequences have no query
+    tokens and no KV, padding tokens have slot -1.
+    """
+
+    cu_seqlens_q: torch.Tensor
+    seq_lens: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    is_decode: bool
+
+
+class AttentionBackend:
+    """Per-step hooks: `begin_step` takes the step's metadata (derived tensors are built here, once),
+    `end_step` drops it; `store_kvcache` and `forward` run in every layer."""
+
     name: str
 
-    def store_kvcache(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None: ...
+    def __init__(self) -> None:
+        self.metadata: AttentionMetadata | None = None
 
-    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: Context, scale: float) -> torch.Tensor: ...
+    def begin_step(self, metadata: AttentionMetadata) -> None:
+        self.metadata = metadata
+
+    def end_step(self) -> None:
+        self.metadata = None
+
+    def store_kvcache(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        raise NotImplementedError
 
 
-class TorchBackend:
+class TorchBackend(AttentionBackend):
     """Plain PyTorch; the CPU path and the oracle for the GPU kernels.
 
-    Shapes: q [N, Hq, D]; caches [num_blocks, block_size, Hkv, D]; see Context for the rest.
+    Shapes: q [N, Hq, D]; caches [num_blocks, block_size, Hkv, D]; see AttentionMetadata for the rest.
     """
 
     name = "torch"
 
-    def store_kvcache(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    def store_kvcache(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        slot_mapping = self.metadata.slot_mapping
         valid = slot_mapping >= 0
         slots = slot_mapping[valid].long()
         k_cache.view(-1, *k_cache.shape[2:])[slots] = k[valid]
         v_cache.view(-1, *v_cache.shape[2:])[slots] = v[valid]
 
-    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: Context, scale: float) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx = self.metadata
         out = torch.empty_like(q)
         block_size = k_cache.shape[1]
         cu = ctx.cu_seqlens_q.tolist()
@@ -70,32 +109,36 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
 
 
-class TritonBackend:
-    """Our Triton kernels: KV store, varlen paged attention, split-KV decode."""
+class TritonBackend(AttentionBackend):
+    """Our Triton kernels: KV store, split-KV decode, and for other steps the mixed entry point
+    (decode rows to the decode kernel, longer queries to the varlen kernel)."""
 
     name = "triton"
 
     def __init__(self) -> None:
+        super().__init__()
         from nanovllm.kernels import kv_store, paged_attention
 
         self._store = kv_store.store_kvcache
-        self._varlen = paged_attention.paged_attention_varlen
+        self._mixed = paged_attention.paged_attention_mixed
         self._decode = paged_attention.paged_attention_decode
 
-    def store_kvcache(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        self._store(k, v, k_cache, v_cache, slot_mapping)
+    def store_kvcache(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        self._store(k, v, k_cache, v_cache, self.metadata.slot_mapping)
 
-    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: Context, scale: float) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx = self.metadata
         out = torch.empty_like(q)
         if ctx.is_decode:
             self._decode(q, k_cache, v_cache, out, ctx.seq_lens, ctx.block_tables, scale)
         else:
-            self._varlen(q, k_cache, v_cache, out, ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_tables, ctx.max_seqlen_q, scale)
+            self._mixed(q, k_cache, v_cache, out, ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_tables, ctx.max_seqlen_q, scale)
         return out
 
 
 class FlashAttnBackend(TritonBackend):
-    """flash-attn's paged calls (nano-vLLM's); needs kvcache_block_size to be a multiple of 256."""
+    """flash-attn's paged calls (our Triton KV store); needs fp16/bf16, head_dim 128 in the wheel
+    built for the device, and kvcache_block_size a multiple of 256."""
 
     name = "flash_attn"
 
@@ -105,33 +148,48 @@ class FlashAttnBackend(TritonBackend):
 
         self._flash_varlen = flash_attn_varlen_func
         self._flash_decode = flash_attn_with_kvcache
+        self._cu_seqlens_k: torch.Tensor | None = None
 
-    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: Context, scale: float) -> torch.Tensor:
+    def begin_step(self, metadata: AttentionMetadata) -> None:
+        """flash-attn's varlen call wants the KV prefix sums too: built here once, not in every layer."""
+        super().begin_step(metadata)
+        if not metadata.is_decode:
+            self._cu_seqlens_k = torch.nn.functional.pad(metadata.seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
+
+    def end_step(self) -> None:
+        super().end_step()
+        self._cu_seqlens_k = None
+
+    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx = self.metadata
         if ctx.is_decode:
             out = self._flash_decode(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=ctx.seq_lens, block_table=ctx.block_tables, softmax_scale=scale, causal=True)
             return out.squeeze(1)
-        cu_seqlens_k = torch.nn.functional.pad(ctx.seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
         return self._flash_varlen(
             q, k_cache, v_cache, max_seqlen_q=ctx.max_seqlen_q, cu_seqlens_q=ctx.cu_seqlens_q,
-            max_seqlen_k=ctx.max_seqlen_k, cu_seqlens_k=cu_seqlens_k, softmax_scale=scale, causal=True, block_table=ctx.block_tables,
+            max_seqlen_k=ctx.max_seqlen_k, cu_seqlens_k=self._cu_seqlens_k, softmax_scale=scale, causal=True, block_table=ctx.block_tables,
         )
 
 
-def select_backend(name: str, device: torch.device, block_size: int) -> AttentionBackend:
-    """Resolve `attention_backend` ("auto" | "flash_attn" | "triton" | "torch") for a device."""
-    has_flash = importlib.util.find_spec("flash_attn") is not None
+def select_backend(name: str, device: torch.device, block_size: int, dtype: torch.dtype, head_dim: int) -> AttentionBackend:
+    """Resolve `attention_backend` ("auto" | "flash_attn" | "triton" | "torch") for a device.
+
+    "auto" is Triton on CUDA (it measured faster than flash-attn on nano-vLLM's workload, and runs
+    every dtype and head size) and torch elsewhere; flash_attn is used only when asked for.
+    """
     if name == "auto":
-        if device.type != "cuda":
-            name = "torch"
-        else:
-            name = "flash_attn" if has_flash and block_size % 256 == 0 else "triton"
+        name = "triton" if device.type == "cuda" else "torch"
     if name != "torch" and device.type != "cuda":
         raise ValueError(f"attention_backend={name!r} needs a CUDA device, got {device.type!r}")
     if name == "flash_attn":
-        if not has_flash:
+        if importlib.util.find_spec("flash_attn") is None:
             raise ValueError("attention_backend='flash_attn' but flash_attn is not installed")
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"attention_backend='flash_attn' needs dtype float16 or bfloat16, got {dtype}")
         if block_size % 256:
             raise ValueError(f"attention_backend='flash_attn' needs kvcache_block_size to be a multiple of 256, got {block_size}")
+        if head_dim % 8 or head_dim > 256:
+            raise ValueError(f"attention_backend='flash_attn' needs head_dim a multiple of 8 up to 256, got {head_dim}")
     backend = {"torch": TorchBackend, "triton": TritonBackend, "flash_attn": FlashAttnBackend}[name]()
     logger.info("attention backend: %s", backend.name)
     return backend
@@ -150,7 +208,6 @@ class Attention(nn.Module):
         self.backend: AttentionBackend | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D]."""
-        ctx = get_context()
-        self.backend.store_kvcache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
-        return self.backend.forward(q, self.k_cache, self.v_cache, ctx, self.scale)
+        """q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D], inside the backend's begin_step/end_step."""
+        self.backend.store_kvcache(k, v, self.k_cache, self.v_cache)
+        return self.backend.forward(q, self.k_cache, self.v_cache, self.scale)

@@ -1,0 +1,158 @@
+"""CUDA graphs of the model's forward pass for every step shape: decode batches and token buckets.
+
+An eager step of a small model costs far more host time (hundreds of kernel launches through
+Python) than device time, so every step that fits a captured shape replays a graph instead:
+
+* decode graphs, keyed by batch size (1, 2, 4, 8, 16, 32, ... up to max_num_seqs): one token
+  per sequence, attention by the split-KV decode kernel;
+* token graphs, keyed by a token budget T (16, 32, ..., up to `MAX_GRAPH_TOKENS`): any mix of
+  prefills, prefill chunks and decodes of at most min(T, max_num_seqs) sequences, attention by
+  the backend's mixed path, which reads every sequence's query start and length from the device.
+
+A step is padded to its graph's shape: padding tokens have slot -1 (never stored) and belong to
+no sequence; padding sequences have no query tokens and no KV. Steps beyond the largest token
+graph run eagerly: their device time already dwarfs the host's launch cost.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from nanovllm.engine.inputs import StepInputs, to_device
+from nanovllm.layers.attention import AttentionBackend, AttentionMetadata
+
+# Beyond this many tokens a step's matmuls take longer than launching it eagerly (~20 ms of host time
+# for Qwen3-0.6B against ~15 ms of device time for 8192 tokens on an H200).
+MAX_GRAPH_TOKENS = 8192
+
+
+def decode_sizes(max_num_seqs: int) -> list[int]:
+    """Batch sizes of the decode graphs: 1, 2, 4, 8, then every multiple of 16, up to max_num_seqs."""
+    sizes = [bs for bs in (1, 2, 4, 8) if bs <= max_num_seqs] + list(range(16, max_num_seqs + 1, 16))
+    if sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+def token_sizes(max_tokens: int) -> list[int]:
+    """Token budgets of the mixed graphs: powers of two up to 256, then steps of a quarter of the
+    enclosing power of two (so padding wastes at most a fifth of a step), up to max_tokens."""
+    sizes = [t for t in (16, 32, 64, 128, 256) if t < max_tokens]
+    size = 256
+    while size < max_tokens:
+        size += max(64, 1 << (size.bit_length() - 3))
+        sizes.append(min(size, max_tokens))
+    return sizes or [max_tokens]
+
+
+@dataclass(frozen=True)
+class GraphShape:
+    """A captured shape: `num_tokens` token rows and `num_seqs` sequence rows; decode graphs have one token per sequence."""
+
+    num_tokens: int
+    num_seqs: int
+    is_decode: bool
+
+
+class GraphRunner:
+    """Captures and replays the forward pass (`model(input_ids, positions)` -> hidden states) for a
+    ladder of step shapes. Owns the static input buffers every graph reads, and one memory pool.
+
+    Preconditions: the KV cache is allocated (the graphs capture its addresses); steps have at most
+    max_num_seqs sequences; block tables are at most `max_blocks_per_seq` wide.
+    """
+
+    def __init__(self, model: nn.Module, backend: AttentionBackend, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_blocks_per_seq: int, max_model_len: int, hidden_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.model = model
+        self.backend = backend
+        self.device = device
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.decode_sizes = decode_sizes(max_num_seqs)
+        self.token_sizes = token_sizes(min(max_num_batched_tokens, MAX_GRAPH_TOKENS))
+        max_tokens = max(self.token_sizes[-1], self.decode_sizes[-1])
+        max_seqs = max_num_seqs
+
+        def zeros(*shape: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.input_ids = zeros(max_tokens, dtype=torch.int64)
+        self.positions = zeros(max_tokens, dtype=torch.int64)
+        self.slot_mapping = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
+        self.cu_seqlens_q = zeros(max_seqs + 1)
+        self.seq_lens = zeros(max_seqs)
+        self.block_tables = zeros(max_seqs, max_blocks_per_seq)
+        self.hidden = zeros(max_tokens, hidden_size, dtype=dtype)
+        self.graphs: dict[GraphShape, torch.cuda.CUDAGraph] = {}
+
+    def shape_for(self, num_tokens: int, num_seqs: int, is_decode: bool) -> GraphShape | None:
+        """The smallest captured shape that holds a step, or None (run it eagerly)."""
+        if is_decode:
+            size = next((bs for bs in self.decode_sizes if bs >= num_seqs), None)
+            return None if size is None else GraphShape(size, size, True)
+        size = next((t for t in self.token_sizes if t >= num_tokens), None)
+        if size is None or num_seqs > self._seqs_for(size):
+            return None
+        return GraphShape(size, self._seqs_for(size), False)
+
+    def _seqs_for(self, num_tokens: int) -> int:
+        return min(num_tokens, self.max_num_seqs)
+
+    def _metadata(self, shape: GraphShape) -> AttentionMetadata:
+        n, b = shape.num_tokens, shape.num_seqs
+        return AttentionMetadata(self.cu_seqlens_q[: b + 1], self.seq_lens[:b], self.slot_mapping[:n], self.block_tables[:b],
+                                 max_seqlen_q=1 if shape.is_decode else n, max_seqlen_k=self.max_model_len, is_decode=shape.is_decode)
+
+    def _forward(self, shape: GraphShape) -> None:
+        n = shape.num_tokens
+        self.backend.begin_step(self._metadata(shape))
+        try:
+            self.hidden[:n] = self.model(self.input_ids[:n], self.positions[:n])
+        finally:
+            self.backend.end_step()
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every shape, largest first so that the smaller graphs reuse the pool's memory.
+        Each shape runs once eagerly before its capture (compiling its kernels)."""
+        shapes = [GraphShape(t, self._seqs_for(t), False) for t in self.token_sizes]
+        shapes += [GraphShape(bs, bs, True) for bs in self.decode_sizes]
+        # A valid empty step: every sequence has no tokens and no KV, every token is padding.
+        self.cu_seqlens_q.zero_()
+        self.seq_lens.zero_()
+        self.slot_mapping.fill_(-1)
+        pool = None
+        for shape in sorted(shapes, key=lambda s: (-s.num_tokens, s.is_decode)):
+            self._forward(shape)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                self._forward(shape)
+            pool = pool or graph.pool()
+            self.graphs[shape] = graph
+            torch.cuda.synchronize()
+
+    def replay(self, shape: GraphShape, inputs: StepInputs, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Copy one step's inputs into the static buffers, padded to the graph's shape, and replay it.
+
+        input_ids, positions: the step's device tensors [N] (pending ids already filled in).
+        Returns the hidden states [N, hidden_size] (a view of the static output buffer).
+        """
+        n, b, t, s = inputs.num_tokens, inputs.num_seqs, shape.num_tokens, shape.num_seqs
+        self.input_ids[:n] = input_ids
+        self.positions[:n] = positions
+        self.slot_mapping[:t] = to_device(np.pad(inputs.slot_mapping, (0, t - n), constant_values=-1), self.device)
+        self.cu_seqlens_q[: s + 1] = to_device(np.pad(inputs.cu_seqlens_q, (0, s - b), mode="edge"), self.device)
+        self.seq_lens[:s] = to_device(np.pad(inputs.seq_lens, (0, s - b)), self.device)
+        self.block_tables[:b, : inputs.block_tables.shape[1]] = to_device(inputs.block_tables, self.device)
+        self.graphs[shape].replay()
+        return self.hidden[:n]
+
+    def close(self) -> None:
+        """Drop every graph (a graph that captured NCCL collectives holds a reference on the communicator)."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()

@@ -1,0 +1,110 @@
+"""ScheduledBatch -> StepInputs: the host arrays of one forward pass (numpy, no torch kernels)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.sequence import PENDING
+
+
+@dataclass
+class StepInputs:
+    """Host arrays for one forward pass: the whole message a TP worker needs (B seqs, N tokens, S sampled).
+
+    input_ids/positions int64 [N]; slot_mapping int32 [N]; cu_seqlens_q int32 [B+1];
+    seq_lens int32 [B]; block_tables int32 [B, W] padded with -1; logits_indices int64 [S].
+    Under overlap scheduling some input ids are PENDING: `input_ids[pending_rows]` is taken on the
+    device from row `pending_src` of the previous step's sampled tokens (rank 0 broadcasts them to
+    the other ranks when `share_sampled`).
+    """
+
+    input_ids: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    cu_seqlens_q: np.ndarray
+    seq_lens: np.ndarray
+    block_tables: np.ndarray
+    logits_indices: np.ndarray
+    max_seqlen_k: int
+    is_decode: bool
+    pending_rows: np.ndarray
+    pending_src: np.ndarray
+    share_sampled: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+
+def build_step_inputs(batch: ScheduledBatch, block_size: int, sample_rows: dict[int, int], share_sampled: bool) -> StepInputs:
+    """The step's host arrays from sequence state (before `Scheduler.advance`). `sample_rows` maps a
+    sequence id to its row in the previous step's sampled tokens (the source of its PENDING input)."""
+    num_seqs = len(batch.seqs)
+    block_tables = np.full((num_seqs, max(len(s.block_table) for s in batch.seqs)), -1, dtype=np.int32)
+    for i, seq in enumerate(batch.seqs):
+        block_tables[i, : len(seq.block_table)] = seq.block_table
+    starts = np.fromiter((s.num_computed_tokens for s in batch.seqs), dtype=np.int64, count=num_seqs)
+    counts = np.asarray(batch.num_new_tokens, dtype=np.int64)
+    ends = starts + counts
+    cu_seqlens_q = np.zeros(num_seqs + 1, dtype=np.int32)
+    np.cumsum(counts, out=cu_seqlens_q[1:])
+    if batch.is_decode:
+        input_ids = np.fromiter((s.token_ids[e - 1] for s, e in zip(batch.seqs, ends.tolist())), dtype=np.int64, count=num_seqs)
+        positions = starts
+    else:
+        input_ids = np.concatenate([np.asarray(s.token_ids[b:e], dtype=np.int64) for s, b, e in zip(batch.seqs, starts.tolist(), ends.tolist())])
+        positions = np.concatenate([np.arange(b, e, dtype=np.int64) for b, e in zip(starts.tolist(), ends.tolist())])
+    seq_index = np.repeat(np.arange(num_seqs), counts)
+    slot_mapping = (block_tables[seq_index, positions // block_size].astype(np.int64) * block_size + positions % block_size).astype(np.int32)
+    samples = np.fromiter((e == s.num_tokens for s, e in zip(batch.seqs, ends.tolist())), dtype=bool, count=num_seqs)
+    pending_rows = np.flatnonzero(input_ids == PENDING)
+    pending_src = np.fromiter((sample_rows[batch.seqs[i].seq_id] for i in seq_index[pending_rows].tolist()), dtype=np.int64, count=len(pending_rows))
+    return StepInputs(
+        input_ids=input_ids,
+        positions=positions,
+        slot_mapping=slot_mapping,
+        cu_seqlens_q=cu_seqlens_q,
+        seq_lens=ends.astype(np.int32),
+        block_tables=block_tables,
+        logits_indices=(cu_seqlens_q[1:][samples] - 1).astype(np.int64),
+        max_seqlen_k=int(ends.max()),
+        is_decode=batch.is_decode,
+        pending_rows=pending_rows,
+        pending_src=pending_src,
+        share_sampled=share_sampled,
+    )
+
+
+def prefill_inputs(num_seqs: int, seq_len: int, block_size: int) -> StepInputs:
+    """A prefill of `num_seqs` prompts of `seq_len` zero tokens in blocks 0, 1, 2, ... (start-up profiling)."""
+    blocks_per_seq = (seq_len + block_size - 1) // block_size
+    block_tables = np.arange(num_seqs * blocks_per_seq, dtype=np.int32).reshape(num_seqs, blocks_per_seq)
+    positions = np.tile(np.arange(seq_len, dtype=np.int64), num_seqs)
+    return StepInputs(
+        input_ids=np.zeros(num_seqs * seq_len, dtype=np.int64),
+        positions=positions,
+        slot_mapping=(np.repeat(np.arange(num_seqs), seq_len) * blocks_per_seq * block_size + positions).astype(np.int32),
+        cu_seqlens_q=np.arange(0, (num_seqs + 1) * seq_len, seq_len, dtype=np.int32),
+        seq_lens=np.full(num_seqs, seq_len, dtype=np.int32),
+        block_tables=block_tables,
+        logits_indices=np.arange(seq_len - 1, num_seqs * seq_len, seq_len, dtype=np.int64),
+        max_seqlen_k=seq_len,
+        is_decode=False,
+        pending_rows=np.zeros(0, dtype=np.int64),
+        pending_src=np.zeros(0, dtype=np.int64),
+    )
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host array -> device tensor through pinned memory, without waiting for the device."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
