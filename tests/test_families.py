@@ -93,3 +93,16 @@ def test_sliding_window_refused_only_where_it_would_mask(tmp_path):
     llm = make_llm(path, max_model_len=128, max_num_batched_tokens=128)
     [output] = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert output["token_ids"] == HFOracle(path).greedy([5, 6, 7], 4, ignore_eos=True)
+
+
+@pytest.mark.cuda
+def test_bf16_on_cuda_starts_like_the_fp32_reference(family):
+    path, hf = family
+    prompts = shared_prefix_prompts(4, seed=3)
+    llm = make_llm(path, device="cuda", dtype="bfloat16", max_model_len=256, max_num_batched_tokens=256, num_kvcache_blocks=64)
+    try:
+        outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    finally:
+        llm.exit()
+    for prompt, output in zip(prompts, outputs):
+        assert output["token_ids"] == hf.greedy(prompt, 2, ignore_eos=True)

@@ -18,7 +18,7 @@ from transformers import AutoConfig
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention, AttentionMetadata, TorchBackend
 from nanovllm.layers.layernorm import RMSNorm
-from nanovllm.layers.rotary_embedding import RotaryEmbedding
+from nanovllm.layers.rotary_embedding import RotaryEmbedding, inv_freq_and_scale
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.loader import load_model
 
@@ -108,7 +108,7 @@ def test_qk_norm_rope(
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
     q, k = q.view(num_tokens, num_q_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim)
     q_norm, k_norm = random_norm(head_dim, dtype, device), random_norm(head_dim, dtype, device)
-    rope = RotaryEmbedding(head_dim, MAX_POSITIONS, 1e6).to(device)
+    rope = RotaryEmbedding(inv_freq_and_scale(head_dim, {"rope_type": "default", "rope_theta": 1e6}, MAX_POSITIONS, MAX_POSITIONS)[0], MAX_POSITIONS).to(device)
     positions = torch.randint(0, MAX_POSITIONS, (num_tokens,), device=device)
     ref_q, ref_k = rope(positions, q_norm.forward_native(q), k_norm.forward_native(k))
     v_before = v.clone()
@@ -135,7 +135,7 @@ def test_cuda_graph_replay(device: torch.device) -> None:
     fused = fused_module()
     dtype, num_tokens, hidden_size, head_dim = torch.bfloat16, 9, 256, 64
     norm, q_norm = random_norm(hidden_size, dtype, device), random_norm(head_dim, dtype, device)
-    rope = RotaryEmbedding(head_dim, MAX_POSITIONS, 1e6).to(device)
+    rope = RotaryEmbedding(inv_freq_and_scale(head_dim, {"rope_type": "default", "rope_theta": 1e6}, MAX_POSITIONS, MAX_POSITIONS)[0], MAX_POSITIONS).to(device)
     x = torch.empty(num_tokens, hidden_size, dtype=dtype, device=device)
     residual, qk = torch.empty_like(x), torch.empty_like(x)
     positions = torch.empty(num_tokens, dtype=torch.int64, device=device)
