@@ -1,6 +1,6 @@
 """nanovllm: a small, fast, readable offline LLM inference engine."""
-from nanovllm.engine.llm_engine import StreamChunk
 from nanovllm.llm import LLM
+from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput, StreamChunk
 from nanovllm.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "StreamChunk"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "StreamChunk"]

@@ -1,36 +1,18 @@
 """Engine configuration: validated once at construction, never mutated afterwards."""
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field, fields
 
 from transformers import AutoConfig, PretrainedConfig
 
 from nanovllm.models.registry import check_supported
+from nanovllm.utils.validation import require_bool, require_choice, require_int, require_number
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTENTION_BACKENDS = ("auto", "flash_attn", "triton", "torch")
 SCHEDULING_POLICIES = ("prefill_first", "chunked")
-
-
-def _require_int(name: str, value: object, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < low or (high is not None and value > high):
-        limit = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {limit}, got {value}")
-
-
-def _is_number(value: object) -> bool:
-    """An int or float, but not a bool (NaN passes here; range checks written as `not low < x` reject it)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _require_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -57,6 +39,7 @@ class Config:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "chunked"
     overlap_scheduling: bool | None = None
+    skip_tokenizer_init: bool = False
     hf_config: PretrainedConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -64,29 +47,26 @@ class Config:
             raise ValueError(f"model must be a local Hugging Face folder, got {self.model!r} (not a directory)")
         if not os.path.isfile(os.path.join(self.model, "config.json")):
             raise ValueError(f"model folder {self.model!r} has no config.json")
-        _require_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
-        _require_int("max_num_seqs", self.max_num_seqs, 1)
-        _require_int("max_model_len", self.max_model_len, 2)
-        _require_int("tensor_parallel_size", self.tensor_parallel_size, 1, 8)
-        _require_int("kvcache_block_size", self.kvcache_block_size, 16)
+        require_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        require_int("max_num_seqs", self.max_num_seqs, 1)
+        require_int("max_model_len", self.max_model_len, 2)
+        require_int("tensor_parallel_size", self.tensor_parallel_size, 1, 8)
+        require_int("kvcache_block_size", self.kvcache_block_size, 16)
         if self.kvcache_block_size & (self.kvcache_block_size - 1):
             raise ValueError(f"kvcache_block_size must be a power of two >= 16, got {self.kvcache_block_size}")
-        _require_int("num_kvcache_blocks", self.num_kvcache_blocks, -1)
+        require_int("num_kvcache_blocks", self.num_kvcache_blocks, -1)
         if self.num_kvcache_blocks == 0:
             raise ValueError("num_kvcache_blocks must be -1 (size from memory) or >= 1, got 0")
-        if not _is_number(self.gpu_memory_utilization) or not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        if not _is_number(self.cpu_kvcache_space_gib) or not 0 < self.cpu_kvcache_space_gib < math.inf:
-            raise ValueError(f"cpu_kvcache_space_gib must be a finite number > 0, got {self.cpu_kvcache_space_gib!r}")
+        require_number("gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, low_open=True)
+        require_number("cpu_kvcache_space_gib", self.cpu_kvcache_space_gib, 0.0, low_open=True)
         if self.overlap_scheduling is not None and not isinstance(self.overlap_scheduling, bool):
             raise TypeError(f"overlap_scheduling must be None (on for CUDA, off for CPU) or a bool, got {self.overlap_scheduling!r}")
-        for name in ("enforce_eager", "enable_prefix_caching"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        _require_choice("device", self.device, DEVICES)
-        _require_choice("dtype", self.dtype, DTYPES)
-        _require_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
-        _require_choice("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
+        for name in ("enforce_eager", "enable_prefix_caching", "skip_tokenizer_init"):
+            require_bool(name, getattr(self, name))
+        require_choice("device", self.device, DEVICES)
+        require_choice("dtype", self.dtype, DTYPES)
+        require_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        require_choice("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
         if self.scheduling_policy == "prefill_first" and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "

@@ -1,43 +1,48 @@
-"""Per-request sampling settings, validated at construction."""
+"""Per-request sampling settings, validated at construction and frozen afterwards."""
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+
+from nanovllm.utils.validation import require_bool, require_int, require_number
 
 # Temperatures below this are treated as greedy (dividing logits by them would overflow).
 GREEDY_TEMPERATURE = 1e-5
 MAX_SEED = 2**63 - 1
+# vLLM's limits: penalties in [-2, 2], a logit bias in [-100, 100].
+MAX_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0
 
 
-def _check_number(name: str, value: object, low: float, high: float | None = None, low_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    too_low = value <= low if low_open else value < low
-    if not math.isfinite(value) or too_low or (high is not None and value > high):
-        bracket = "(" if low_open else "["
-        upper = f"{high}]" if high is not None else "inf)"
-        raise ValueError(f"{name} must be a finite number in {bracket}{low}, {upper}, got {value}")
+def check_text(name: str, text: str) -> None:
+    """Reject text that cannot be encoded as UTF-8 (a lone surrogate such as '\\ud800')."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{name} contains a lone surrogate {text[exc.start]!r} at index {exc.start}, which is not valid Unicode text"
+        ) from None
 
 
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < low or (high is not None and value > high):
-        limit = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {limit}, got {value}")
-
-
-@dataclass
+@dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens and when to stop.
+    """How to pick tokens and when to stop (vLLM's names and semantics).
 
     temperature=0 (or below 1e-5) is greedy: the exact argmax. top_k=-1, top_p=1 and min_p=0
     disable those filters. `seed` makes one request's samples reproducible whatever else is in
-    the batch. Generation ends after `max_tokens`, or earlier at EOS (unless `ignore_eos`), at a
-    token of `stop_token_ids` (both kept in token_ids), or when the text contains a `stop` string
-    (the text is cut before it). None of these can end it before `min_tokens` tokens.
-    `logprobs=n` returns, for each generated token, the log-probabilities of the n most likely
-    tokens and of the sampled one, from the model's raw logits.
+    the batch. `n` continuations share the prompt (it is prefilled once).
+    Before sampling, `logit_bias` {token id: bias} is added to the logits, then the penalties:
+    `repetition_penalty` (> 0, 1 = off; HF/vLLM: a positive logit of a token seen in the prompt or
+    output is divided by it, a negative one multiplied), `frequency_penalty` (times how often the
+    token was generated) and `presence_penalty` (once if it was generated) are subtracted.
+    Generation ends after `max_tokens`, or earlier at EOS (unless `ignore_eos`), at a token of
+    `stop_token_ids` (both kept in token_ids), or when the text contains a `stop` string (the
+    text is cut before it, or after it with `include_stop_str_in_output`). None of these can end
+    it before `min_tokens` tokens. `logprobs=k` returns, for each generated token, the k most
+    likely tokens and the sampled one, with their ranks, from the model's raw logits.
+    The lists are stored as tuples and logit_bias as a read-only mapping: a SamplingParams
+    cannot change after it was checked.
     """
 
     temperature: float = 1.0
@@ -48,43 +53,70 @@ class SamplingParams:
     max_tokens: int = 64
     min_tokens: int = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] = field(default_factory=list)
-    stop: list[str] = field(default_factory=list)
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    stop: tuple[str, ...] = field(default_factory=tuple)
     logprobs: int | None = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        _check_number("temperature", self.temperature, 0.0)
-        _check_int("top_k", self.top_k, -1)
+        require_int("n", self.n, 1)
+        require_number("temperature", self.temperature, 0.0)
+        require_int("top_k", self.top_k, -1)
         if self.top_k == 0:
             raise ValueError("top_k must be -1 (disabled) or >= 1, got 0")
-        _check_number("top_p", self.top_p, 0.0, 1.0, low_open=True)
-        _check_number("min_p", self.min_p, 0.0, 1.0)
+        require_number("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        require_number("min_p", self.min_p, 0.0, 1.0)
         if self.seed is not None:
-            _check_int("seed", self.seed, 0, MAX_SEED)
-        _check_int("max_tokens", self.max_tokens, 1)
-        _check_int("min_tokens", self.min_tokens, 0)
+            require_int("seed", self.seed, 0, MAX_SEED)
+        require_number("presence_penalty", self.presence_penalty, -MAX_PENALTY, MAX_PENALTY)
+        require_number("frequency_penalty", self.frequency_penalty, -MAX_PENALTY, MAX_PENALTY)
+        require_number("repetition_penalty", self.repetition_penalty, 0.0, low_open=True)
+        require_int("max_tokens", self.max_tokens, 1)
+        require_int("min_tokens", self.min_tokens, 0)
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
-        if not isinstance(self.ignore_eos, bool):
-            raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if not isinstance(self.stop, (list, tuple)):
-            raise TypeError(f"stop must be a string or a list of strings, got {self.stop!r}")
-        for stop in self.stop:
-            if not isinstance(stop, str):
-                raise TypeError(f"stop entries must be strings, got {stop!r}")
-            if not stop:
-                raise ValueError(f"stop entries must be non-empty strings, got {self.stop!r}")
-        self.stop = list(self.stop)
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            require_bool(name, getattr(self, name))
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)):
+            raise TypeError(f"stop must be a string or a list of strings, got {stop!r}")
+        for text in stop:
+            if not isinstance(text, str):
+                raise TypeError(f"stop entries must be strings, got {text!r}")
+            if not text:
+                raise ValueError(f"stop entries must be non-empty strings, got {stop!r}")
+            check_text("a stop string", text)
+        object.__setattr__(self, "stop", tuple(stop))
         if not isinstance(self.stop_token_ids, (list, tuple)):
             raise TypeError(f"stop_token_ids must be a list of ints, got {self.stop_token_ids!r}")
         for token_id in self.stop_token_ids:
-            _check_int("stop_token_ids entry", token_id, 0)
-        self.stop_token_ids = list(self.stop_token_ids)
+            require_int("stop_token_ids entry", token_id, 0)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, Mapping):
+                raise TypeError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}")
+            for token_id, bias in self.logit_bias.items():
+                require_int("logit_bias token id", token_id, 0)
+                require_number(f"logit_bias[{token_id}]", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+            object.__setattr__(self, "logit_bias", MappingProxyType(dict(self.logit_bias)))
         if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, 0)
+            require_int("logprobs", self.logprobs, 0)
+
+    def __reduce__(self) -> tuple:
+        """Pickle through the constructor (a read-only mapping cannot be pickled; this also re-checks)."""
+        values = [getattr(self, f.name) for f in fields(self)]
+        return SamplingParams, tuple(dict(v) if isinstance(v, MappingProxyType) else v for v in values)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

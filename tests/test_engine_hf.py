@@ -60,14 +60,14 @@ def test_preemption_matches_hf(tiny_model, hf, vocab_ids):
     prompts = random_prompts(12, 20, 120, vocab_ids, seed=4)
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     llm = make_llm(tiny_model, max_model_len=256, max_num_batched_tokens=256, num_kvcache_blocks=16)
-    seqs = llm._add_all(prompts, params, stream=False)
+    seqs = [request.completions[0].seq for request in llm._add_all(prompts, params, stream=False)]
     while not llm.is_finished():
         llm.step()
         assert_invariants(llm)
     assert llm.scheduler.num_preemptions > 0
     for prompt, seq in zip(prompts, seqs):
         assert seq.completion_token_ids == hf.greedy(prompt, 40, ignore_eos=True)
-        llm.requests.pop(seq.seq_id)
+        llm.requests.pop(seq.request_id)
     assert llm.scheduler.block_manager.num_free_blocks == 16
 
 

@@ -22,11 +22,11 @@ def prompts(vocab_ids):
 
 def run_stepwise(llm, prompts, params):
     """Drive the loop by hand, checking block invariants after every step."""
-    seqs = llm._add_all(prompts, params, stream=False)
+    requests = llm._add_all(prompts, params, stream=False)
     while not llm.is_finished():
         llm.step()
         assert_invariants(llm)
-    return [llm._result(llm.requests.pop(seq.seq_id)) for seq in seqs]
+    return [llm.requests.pop(request.request_id).output() for request in requests]
 
 
 def test_stops_at_different_steps_match_the_synchronous_loop(engines, prompts, hf):
@@ -42,7 +42,7 @@ def test_stops_at_different_steps_match_the_synchronous_loop(engines, prompts, h
                     if len(t["text"]) > 6 else SamplingParams(temperature=0.0, max_tokens=5) for t in texts]
     for params in (lengths, stop_ids, stop_strings):
         expected = off.generate(prompts, params, use_tqdm=False)
-        assert run_stepwise(on, prompts, params) == expected
+        assert [out.outputs for out in run_stepwise(on, prompts, params)] == [out.outputs for out in expected]
     assert sum(r["finish_reason"] == "stop" for r in off.generate(prompts, stop_ids, use_tqdm=False)) == len(prompts)
     assert on.scheduler.block_manager.num_free_blocks == 256
 
@@ -50,7 +50,7 @@ def test_stops_at_different_steps_match_the_synchronous_loop(engines, prompts, h
 def test_eos_seeds_and_streaming_match(engines, prompts):
     on, off = engines
     params = [SamplingParams(temperature=0.8, seed=i, max_tokens=30, top_p=0.9) for i in range(len(prompts))]
-    assert on.generate(prompts, params, use_tqdm=False) == off.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs for o in on.generate(prompts, params, use_tqdm=False)] == [o.outputs for o in off.generate(prompts, params, use_tqdm=False)]
     streamed = {}
     for chunk in on.stream(prompts, params):
         streamed[chunk.index] = streamed.get(chunk.index, "") + chunk.text

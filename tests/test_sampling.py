@@ -302,7 +302,9 @@ def test_logprobs_match_hf_logits(llm, hf, vocab_ids):
         expected = reference.logits[step][0].double().log_softmax(-1)
         assert set(entry) == set(expected.topk(5).indices.tolist()) | {token}
         for token_id, logprob in entry.items():
-            assert logprob == pytest.approx(expected[token_id].item(), abs=1e-4)
+            assert logprob.logprob == pytest.approx(expected[token_id].item(), abs=1e-4)
+            assert logprob.rank == 1 + int((expected > expected[token_id]).sum())
+            assert logprob.decoded_token == llm.tokenizer.decode([token_id])
     # A sampled run whose likeliest tokens are banned (min_tokens): logprobs still come from the raw logits.
     banned = sorted(set(greedy["token_ids"]))
     sampling = SamplingParams(temperature=1.3, seed=8, max_tokens=10, min_tokens=10, stop_token_ids=banned, logprobs=3)
@@ -313,8 +315,11 @@ def test_logprobs_match_hf_logits(llm, hf, vocab_ids):
     for step, (token, entry) in enumerate(zip(sampled["token_ids"], sampled["logprobs"])):
         assert set(entry) == set(expected[step].topk(3).indices.tolist()) | {token}
         for token_id, logprob in entry.items():
-            assert logprob == pytest.approx(expected[step, token_id].item(), abs=1e-4)
+            assert logprob.logprob == pytest.approx(expected[step, token_id].item(), abs=1e-4)
+        assert entry[token].rank == 1 + int((expected[step] > expected[step, token]).sum())
     assert set(sampled["logprobs"][0]) & set(banned), "the banned greedy token still shows in the top logprobs"
     [zero] = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=3, logprobs=0), use_tqdm=False)
     assert [list(entry) for entry in zero["logprobs"]] == [[token] for token in zero["token_ids"]]
-    assert "logprobs" not in llm.generate([prompt], SamplingParams(max_tokens=2), use_tqdm=False)[0]
+    assert sampled.outputs[0].cumulative_logprob == pytest.approx(sum(entry[t].logprob for t, entry in zip(sampled["token_ids"], sampled["logprobs"])))
+    unasked = llm.generate([prompt], SamplingParams(max_tokens=2), use_tqdm=False)[0]
+    assert unasked["logprobs"] is None and unasked.outputs[0].cumulative_logprob is None

@@ -9,18 +9,19 @@ class IncrementalDetokenizer:
 
     Text is emitted only up to the last position where the decoded bytes form complete characters
     (a trailing U+FFFD means a character is still incomplete), so the deltas concatenate to the
-    decoding of all tokens. Special tokens are skipped.
+    decoding of all tokens. Special tokens are skipped unless `skip_special_tokens=False`.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.token_ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
         self.text = ""
 
     def _decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False)
 
     def add(self, token_ids: list[int], final: bool = False) -> str:
         """Append tokens; return the newly complete text (everything left when `final`)."""
@@ -35,7 +36,11 @@ class IncrementalDetokenizer:
         return delta
 
 
-def find_stop(text: str, stops: list[str], search_from: int) -> int:
-    """Index of the earliest stop string in `text` starting at or after `search_from`, or -1."""
-    hits = [i for i in (text.find(s, max(0, search_from - len(s) + 1)) for s in stops) if i != -1]
-    return min(hits) if hits else -1
+def find_stop(text: str, stops: tuple[str, ...], include: bool, search_from: int) -> tuple[str, str] | None:
+    """(`text` cut before the earliest stop string that ends after `search_from`, or after it with
+    `include`; that stop string), or None when there is none."""
+    hits = [(i, s) for s in stops if (i := text.find(s, max(0, search_from - len(s) + 1))) != -1]
+    if not hits:
+        return None
+    at, stop = min(hits)
+    return text[: at + len(stop) if include else at], stop

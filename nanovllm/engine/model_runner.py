@@ -13,10 +13,10 @@ from nanovllm.config import Config
 from nanovllm.engine.graph_runner import GraphRunner
 from nanovllm.engine.inputs import StepInputs, build_step_inputs, prefill_inputs, to_device
 from nanovllm.engine.rpc import Call, CommandReader, WorkerEnd, Workers
+from nanovllm.engine.sampling_inputs import build_sampling_tensors
 from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention, AttentionMetadata, select_backend
-from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingTensors
+from nanovllm.layers.sampler import Sampler, SamplerOutput
 from nanovllm.models.registry import resolve_model_class
 from nanovllm.utils.loader import load_model
 from nanovllm.utils.parallel import TPGroup, building_with, create_store
@@ -197,42 +197,6 @@ class ModelRunner:
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return to_device(array, self.device)
 
-    def sampling_tensors(self, seqs: list[Sequence], eos_token_ids: frozenset[int]) -> SamplingTensors:
-        """Per-row sampling parameters for the sequences that sample this step (filters only where some row
-        uses them), copied without blocking the host (a blocking copy would wait for the step in flight)."""
-        params = [s.sampling_params for s in seqs]
-
-        def device_array(values: list, dtype: type) -> torch.Tensor:
-            return self._to_device(np.asarray(values, dtype=dtype))
-
-        temperatures = device_array([0.0 if p.greedy else p.temperature for p in params], np.float32)
-        greedy = [p.greedy for p in params]
-        tensors = SamplingTensors(temperatures, all_greedy=all(greedy), any_greedy=any(greedy))
-        if not tensors.all_greedy:
-            if any(p.top_k > 0 for p in params):
-                tensors.top_k = device_array([p.top_k if p.top_k > 0 else self.vocab_size for p in params], np.int64)
-            if any(p.top_p < 1 for p in params):
-                tensors.top_p = device_array([p.top_p for p in params], np.float32)
-            if any(p.min_p > 0 for p in params):
-                tensors.min_p = device_array([p.min_p for p in params], np.float32)
-            seeded = [i for i, p in enumerate(params) if p.seed is not None and not p.greedy]
-            if seeded:
-                tensors.seed_rows = device_array(seeded, np.int64)
-                tensors.seeds = device_array([params[i].seed for i in seeded], np.int64)
-                tensors.positions = device_array([seqs[i].num_tokens for i in seeded], np.int64)
-        # Below min_tokens, the EOS ids and the stop tokens cannot be sampled.
-        banned = [
-            (row, token)
-            for row, (seq, p) in enumerate(zip(seqs, params))
-            if seq.num_completion_tokens < p.min_tokens
-            for token in ([] if p.ignore_eos else sorted(eos_token_ids)) + p.stop_token_ids
-        ]
-        if banned:
-            tensors.banned = device_array(banned, np.int64).T
-        requested = [p.logprobs for p in params if p.logprobs is not None]
-        tensors.max_logprobs = max(requested) if requested else -1
-        return tensors
-
     # ---- execution ------------------------------------------------------------------------
 
     def execute(self, inputs: StepInputs) -> torch.Tensor | None:
@@ -275,7 +239,8 @@ class ModelRunner:
         logits = self._execute_on_all_ranks(inputs)
         samples = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(batch.seqs, batch.num_new_tokens)]
         sampling_seqs = [s for s, sampled in zip(batch.seqs, samples) if sampled]
-        output = self.sampler(logits, self.sampling_tensors(sampling_seqs, eos_token_ids))
+        output = self.sampler(logits, build_sampling_tensors(sampling_seqs, eos_token_ids, self.vocab_size, self._to_device,
+                                                             self.last_sampled, self.sample_rows))
         if inputs.share_sampled:
             self.group.broadcast(output.token_ids)
         self.last_sampled = output.token_ids
@@ -328,6 +293,7 @@ def run_worker(config: Config, port: int, rank: int, end: WorkerEnd) -> None:
         # The ranks share the host's cores; more threads would spin against each other.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
     channel = CommandReader(end)
+    channel.acknowledge()  # this process runs: rank 0 may now wait for it to join the group
     runner = ModelRunner(config, rank, create_store(config.tensor_parallel_size, port))
     try:
         channel.acknowledge()

@@ -32,6 +32,11 @@ ACK_TIMEOUT_S = 60.0
 POLL_S = 0.05
 # How long workers get to exit after a `Shutdown` before they are terminated.
 JOIN_TIMEOUT_S = 10.0
+SPAWN_HINT = (
+    "tensor-parallel workers are spawned processes that re-import the main script: a script that creates "
+    'LLM(tensor_parallel_size > 1) at module level must guard that code with `if __name__ == "__main__":` '
+    "(the worker's own traceback is printed above)"
+)
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,7 @@ class Workers:
         self.processes: list[mp.process.BaseProcess] = []
         self.ready: list[Connection] = []
         self.acks: list[Connection] = []
-        # Workers acknowledge once after start-up, then once per message.
+        # Workers acknowledge once when their process runs, once after start-up, then once per message.
         self.unacked: set[int] = set()
         self.error: str | None = None
         try:
@@ -112,6 +117,16 @@ class Workers:
             raise
 
     # ---- commands -------------------------------------------------------------------------
+
+    def wait_spawned(self) -> None:
+        """Block until every worker process has started its target, so that one dying while the
+        interpreter starts (typically: the main script is re-imported and fails) is reported within
+        seconds, before rank 0 waits for it in a collective."""
+        try:
+            self._wait_acks(None)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}. {SPAWN_HINT}") from None
+        self.unacked.update(range(len(self.processes)))
 
     def wait_started(self) -> None:
         """Block until every worker has built its model (no time limit: loading can be slow)."""
@@ -163,7 +178,13 @@ class Workers:
                 if deadline is not None and time.monotonic() > deadline:
                     self.abort(f"tensor-parallel worker {i + 1} did not acknowledge a command within {timeout:.0f} s")
                     self.check_alive()
-            self.acks[i].recv_bytes()
+            try:
+                self.acks[i].recv_bytes()
+            except EOFError:
+                process = self.processes[i]
+                process.join(POLL_S * 20)  # it closed its end by exiting: let it be reaped for its exit code
+                self.abort(f"tensor-parallel worker {i + 1} (pid {process.pid}) exited with code {process.exitcode}")
+                self.check_alive()
             self.unacked.discard(i)
 
     # ---- health and shutdown ----------------------------------------------------------------

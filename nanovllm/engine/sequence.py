@@ -29,8 +29,11 @@ class Sequence:
 
     _ids = count()
 
-    def __init__(self, token_ids: list[int], sampling_params: SamplingParams, block_size: int) -> None:
+    def __init__(self, token_ids: list[int], sampling_params: SamplingParams, block_size: int,
+                 request_id: str = "", completion_index: int = 0) -> None:
         self.seq_id = next(Sequence._ids)
+        self.request_id = request_id
+        self.completion_index = completion_index  # which of the request's n continuations
         self.status = SequenceStatus.WAITING
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)

@@ -1,10 +1,11 @@
-"""Batched sampling: per-row temperature, top-k, top-p, min-p, seeds, banned tokens and logprobs.
+"""Batched sampling: per-row logit bias, penalties, temperature, top-k, top-p, min-p, seeds, banned
+tokens and logprobs.
 
 All rows are processed together on the device; greedy rows take the exact argmax of the
 logits. Random rows use the exponential race (argmax of p / E, E ~ Exp(1)), which draws from p.
 Rows with a seed take E from a counter-based hash of (seed, position, token id), so their draws
-do not depend on what else is in the batch. On CUDA, a batch without filters or seeds (the usual
-case) is sampled by one fused kernel (`nanovllm.kernels.sampling`) instead of six passes.
+do not depend on what else is in the batch. On CUDA, a batch without filters, seeds, penalties or
+biases (the usual case) is sampled by one fused kernel (`nanovllm.kernels.sampling`) instead of six passes.
 """
 from __future__ import annotations
 
@@ -17,12 +18,36 @@ _MASK32 = 0xFFFFFFFF
 
 
 @dataclass
+class Penalties:
+    """vLLM's penalties, per row [B] (neutral: repetition 1, frequency and presence 0), and the tokens
+    they count: prompt_tokens [B, P] and output_tokens [B, O] int64, padded with the vocabulary size."""
+
+    repetition: torch.Tensor
+    frequency: torch.Tensor
+    presence: torch.Tensor
+    prompt_tokens: torch.Tensor
+    output_tokens: torch.Tensor
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """A token seen in the prompt or output: its logit divided by `repetition` if positive, else
+        multiplied; then minus frequency x its output count and minus presence if it was output."""
+        rows, vocab = logits.shape
+        counts = logits.new_zeros(rows, vocab + 1).scatter_add_(1, self.output_tokens, logits.new_ones(self.output_tokens.shape))[:, :vocab]
+        seen = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=logits.device).scatter_(1, self.prompt_tokens, True)[:, :vocab]
+        seen |= counts > 0
+        repetition = self.repetition.unsqueeze(1)
+        logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
+        return logits - self.frequency.unsqueeze(1) * counts - self.presence.unsqueeze(1) * (counts > 0)
+
+
+@dataclass
 class SamplingTensors:
     """Per-row parameters on the logits' device (B rows). Host flags skip unused work.
 
     temperatures [B] (0 = greedy), top_k [B] int64 (vocab size = off), top_p [B] (1 = off),
     min_p [B] (0 = off); seeded rows: seed_rows [S], their seeds [S] and the positions [S] of the
-    tokens they sample; banned [2, K] (row, token id) pairs whose logits become -inf.
+    tokens they sample; banned [2, K] (row, token id) pairs whose logits become -inf; bias_index
+    [2, K'] (row, token id) pairs whose logits get bias_values [K'] added; penalties.
     max_logprobs: -1 = no logprobs, else the number of top tokens to return. any_greedy=False
     (no greedy row) skips the argmax pass over the raw logits.
     """
@@ -35,6 +60,9 @@ class SamplingTensors:
     seeds: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     banned: torch.Tensor | None = None
+    bias_index: torch.Tensor | None = None
+    bias_values: torch.Tensor | None = None
+    penalties: Penalties | None = None
     all_greedy: bool = False
     any_greedy: bool = True
     max_logprobs: int = -1
@@ -42,10 +70,12 @@ class SamplingTensors:
 
 @dataclass
 class SamplerOutput:
-    """token_ids [B]; with logprobs requested: sampled_logprobs [B], top_ids / top_logprobs [B, n]."""
+    """token_ids [B]; with logprobs requested: sampled_logprobs and sampled_ranks [B] (1 = most
+    likely), top_ids / top_logprobs [B, n]."""
 
     token_ids: torch.Tensor
     sampled_logprobs: torch.Tensor | None = None
+    sampled_ranks: torch.Tensor | None = None
     top_ids: torch.Tensor | None = None
     top_logprobs: torch.Tensor | None = None
 
@@ -80,11 +110,16 @@ class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, params: SamplingTensors) -> SamplerOutput:
         """logits [B, V] (any float dtype) -> sampled token ids [B] and, if asked, raw-logit logprobs."""
         logprobs = logits.float().log_softmax(-1) if params.max_logprobs >= 0 else None
+        if params.bias_index is not None:
+            logits = logits.float().index_put((params.bias_index[0], params.bias_index[1]), params.bias_values, accumulate=True)
+        if params.penalties is not None:
+            logits = params.penalties.apply(logits.float())
         if params.banned is not None:
             logits = logits.index_put((params.banned[0], params.banned[1]), logits.new_tensor(float("-inf")))
         if params.all_greedy:
             token_ids = logits.argmax(-1)
-        elif logits.is_cuda and params.top_k is None and params.top_p is None and params.min_p is None and params.seeds is None:
+        elif logits.is_cuda and params.top_k is None and params.top_p is None and params.min_p is None and params.seeds is None \
+                and params.bias_index is None and params.penalties is None:
             from nanovllm.kernels import sampling
 
             token_ids = sampling.sample(logits, params.temperatures, int(torch.randint(2**31, ()).item()))
@@ -92,11 +127,13 @@ class Sampler(nn.Module):
             token_ids = self._race(logits.float(), params)
         if logprobs is None:
             return SamplerOutput(token_ids)
-        sampled_logprobs = logprobs.gather(1, token_ids[:, None]).squeeze(1)
+        sampled_logprobs = logprobs.gather(1, token_ids[:, None])
+        sampled_ranks = (logprobs > sampled_logprobs).sum(-1) + 1
+        sampled_logprobs = sampled_logprobs.squeeze(1)
         if params.max_logprobs == 0:
-            return SamplerOutput(token_ids, sampled_logprobs)
+            return SamplerOutput(token_ids, sampled_logprobs, sampled_ranks)
         top_logprobs, top_ids = logprobs.topk(params.max_logprobs, -1)
-        return SamplerOutput(token_ids, sampled_logprobs, top_ids, top_logprobs)
+        return SamplerOutput(token_ids, sampled_logprobs, sampled_ranks, top_ids, top_logprobs)
 
     def _race(self, logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
         """The exponential race over the filtered distribution (greedy rows: argmax). logits float32 [B, V]."""

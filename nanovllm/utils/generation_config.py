@@ -25,3 +25,13 @@ def eos_token_ids(model: str, tokenizer_eos: int | None, config_eos: object = No
     list: Qwen3 and Llama 3 list several) plus the tokenizer's; config.json's only when neither has one."""
     ids = _as_ids(read_generation_config(model).get("eos_token_id")) | _as_ids(tokenizer_eos)
     return frozenset(ids or _as_ids(config_eos))
+
+
+# Keys of generation_config.json that become SamplingParams defaults (vLLM does the same).
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(model: str) -> dict:
+    """The SamplingParams keyword arguments the checkpoint recommends (those present and not null)."""
+    config = read_generation_config(model)
+    return {key: config[key] for key in SAMPLING_DEFAULT_KEYS if config.get(key) is not None}

@@ -1,0 +1,118 @@
+"""Engine-side state of a request between add and output: its n completions, their text and logprobs,
+and the chunks waiting for the caller that owns it. Also: loading the tokenizer and tokenizing prompts."""
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from numbers import Integral
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from nanovllm.engine.detokenizer import IncrementalDetokenizer
+from nanovllm.engine.sequence import Sequence
+from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput, StreamChunk
+from nanovllm.sampling_params import SamplingParams, check_text
+
+Prompt = str | list[int]
+
+# Files a Hugging Face tokenizer is loaded from (one of them must exist).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tiktoken.model")
+
+
+def load_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:
+    """The folder's tokenizer; a clear error when there is none (transformers would build an empty one)."""
+    if not any(os.path.isfile(os.path.join(model_dir, name)) for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"model folder {model_dir!r} has no tokenizer (none of {TOKENIZER_FILES}); add the tokenizer files, "
+            "or pass skip_tokenizer_init=True to give prompts as token-id lists only (outputs then carry no text)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if len(tokenizer) < 2:
+        raise ValueError(f"the tokenizer of {model_dir!r} is empty ({len(tokenizer)} tokens)")
+    return tokenizer
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase | None, prompt: object, vocab_size: int) -> list[int]:
+    """A str prompt -> its token ids; a list of token ids -> itself, checked against the vocabulary."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt is an empty string")
+        if tokenizer is None:
+            raise ValueError("this LLM was created with skip_tokenizer_init=True: prompts must be token-id lists, got a str")
+        check_text("prompt", prompt)
+        return tokenizer.encode(prompt)
+    if not isinstance(prompt, (list, tuple)):
+        raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+    if not prompt:
+        raise ValueError("prompt is an empty list of token ids")
+    for token_id in prompt:
+        if isinstance(token_id, bool) or not isinstance(token_id, Integral):
+            raise TypeError(f"a token id must be an int, got {token_id!r} ({type(token_id).__name__})")
+        if not 0 <= token_id < vocab_size:
+            raise ValueError(f"token id {token_id} is outside the vocabulary [0, {vocab_size})")
+    return [int(token_id) for token_id in prompt]
+
+
+class Completion:
+    """One continuation: its sequence (owned by the scheduler), text, logprobs and stream position."""
+
+    def __init__(self, seq: Sequence, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        params = seq.sampling_params
+        self.seq = seq
+        self.detokenizer = None if tokenizer is None else IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
+        self.logprobs: list[dict[int, Logprob]] = []
+        self.cumulative_logprob = 0.0
+        self.stop_reason: int | str | None = None
+        self.num_streamed_tokens = 0
+        self.num_streamed_chars = 0
+
+    @property
+    def index(self) -> int:
+        return self.seq.completion_index
+
+    @property
+    def text(self) -> str:
+        return "" if self.detokenizer is None else self.detokenizer.text
+
+    def output(self) -> CompletionOutput:
+        asked = self.seq.sampling_params.logprobs is not None
+        return CompletionOutput(
+            self.index,
+            self.text,
+            self.seq.completion_token_ids,
+            self.cumulative_logprob if asked else None,
+            self.logprobs if asked else None,
+            self.seq.finish_reason,
+            self.stop_reason,
+        )
+
+
+@dataclass
+class Request:
+    """A prompt and its n completions. `held`: sequences 2..n, queued once the first has computed the
+    prompt; `outbox`: chunks produced for this request that its caller has not taken yet."""
+
+    request_id: str
+    index: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    completions: list[Completion]
+    held: list[Sequence] = field(default_factory=list)
+    outbox: deque[StreamChunk] = field(default_factory=deque)
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return not self.held and all(c.seq.is_finished for c in self.completions)
+
+    def take_chunks(self) -> list[StreamChunk]:
+        chunks = list(self.outbox)
+        self.outbox.clear()
+        return chunks
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [c.output() for c in self.completions],
+                             self.finished, self.num_cached_tokens)

@@ -1,0 +1,106 @@
+"""The per-row sampling tensors of one step, built on the host from the sequences that sample.
+
+Tensors for a filter, seeds, penalties or biases exist only when some row uses them, so the
+usual batch pays for nothing. Copies to the device never block the host (a blocking copy would
+wait for the step in flight under overlap scheduling).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from nanovllm.engine.sequence import PENDING, Sequence
+from nanovllm.layers.sampler import Penalties, SamplingTensors
+from nanovllm.sampling_params import MAX_SEED
+
+# Sibling completions of one request (n > 1) draw from distinct seeds derived from the request's.
+_SIBLING_SEED_STRIDE = 0x9E3779B97F4A7C15
+
+
+def sibling_seed(seed: int, completion_index: int) -> int:
+    """The seed of continuation `completion_index` of a request seeded with `seed` (index 0 keeps `seed`)."""
+    return (seed + completion_index * _SIBLING_SEED_STRIDE) % (MAX_SEED + 1)
+
+
+def build_sampling_tensors(
+    seqs: list[Sequence],
+    eos_token_ids: frozenset[int],
+    vocab_size: int,
+    to_device: Callable[[np.ndarray], torch.Tensor],
+    last_sampled: torch.Tensor,
+    sample_rows: dict[int, int],
+) -> SamplingTensors:
+    """Per-row sampling parameters for `seqs` (the sequences that sample this step, in row order).
+
+    `last_sampled` / `sample_rows`: the previous step's sampled tokens on the device and the row of
+    each sequence in it; they fill the PENDING token a penalised sequence may still have in flight.
+    """
+    params = [s.sampling_params for s in seqs]
+
+    def device_array(values: list, dtype: type) -> torch.Tensor:
+        return to_device(np.asarray(values, dtype=dtype))
+
+    temperatures = device_array([0.0 if p.greedy else p.temperature for p in params], np.float32)
+    greedy = [p.greedy for p in params]
+    tensors = SamplingTensors(temperatures, all_greedy=all(greedy), any_greedy=any(greedy))
+    if not tensors.all_greedy:
+        if any(p.top_k > 0 for p in params):
+            tensors.top_k = device_array([p.top_k if p.top_k > 0 else vocab_size for p in params], np.int64)
+        if any(p.top_p < 1 for p in params):
+            tensors.top_p = device_array([p.top_p for p in params], np.float32)
+        if any(p.min_p > 0 for p in params):
+            tensors.min_p = device_array([p.min_p for p in params], np.float32)
+        seeded = [i for i, p in enumerate(params) if p.seed is not None and not p.greedy]
+        if seeded:
+            tensors.seed_rows = device_array(seeded, np.int64)
+            tensors.seeds = device_array([sibling_seed(params[i].seed, seqs[i].completion_index) for i in seeded], np.int64)
+            tensors.positions = device_array([seqs[i].num_tokens for i in seeded], np.int64)
+    # Below min_tokens, the EOS ids and the stop tokens cannot be sampled.
+    banned = [
+        (row, token)
+        for row, (seq, p) in enumerate(zip(seqs, params))
+        if seq.num_completion_tokens < p.min_tokens
+        for token in ([] if p.ignore_eos else sorted(eos_token_ids)) + list(p.stop_token_ids)
+    ]
+    if banned:
+        tensors.banned = device_array(banned, np.int64).T
+    biased = [(row, token, bias) for row, p in enumerate(params) if p.logit_bias for token, bias in p.logit_bias.items()]
+    if biased:
+        tensors.bias_index = device_array([(row, token) for row, token, _ in biased], np.int64).T
+        tensors.bias_values = device_array([bias for _, _, bias in biased], np.float32)
+    if any(p.has_penalties for p in params):
+        tensors.penalties = _penalties(seqs, vocab_size, device_array, last_sampled, sample_rows)
+    requested = [p.logprobs for p in params if p.logprobs is not None]
+    tensors.max_logprobs = max(requested) if requested else -1
+    return tensors
+
+
+def _penalties(seqs: list[Sequence], vocab_size: int, device_array: Callable, last_sampled: torch.Tensor,
+               sample_rows: dict[int, int]) -> Penalties:
+    """Penalty values per row and each row's prompt and output tokens, padded with `vocab_size`
+    (rows without penalties get neutral values and no tokens)."""
+    active = [s.sampling_params.has_penalties for s in seqs]
+    prompts = [s.prompt_token_ids if on else [] for s, on in zip(seqs, active)]
+    outputs = [s.token_ids[s.num_prompt_tokens :] if on else [] for s, on in zip(seqs, active)]
+
+    def padded(rows: list[list[int]]) -> np.ndarray:
+        table = np.full((len(rows), max(1, max(map(len, rows)))), vocab_size, dtype=np.int64)
+        for i, row in enumerate(rows):
+            table[i, : len(row)] = row
+        return table
+
+    output_table = padded(outputs)
+    pending = np.argwhere(output_table == PENDING)
+    output_tokens = device_array(output_table, np.int64)
+    if len(pending):
+        sources = device_array([sample_rows[seqs[row].seq_id] for row in pending[:, 0].tolist()], np.int64)
+        output_tokens[device_array(pending[:, 0], np.int64), device_array(pending[:, 1], np.int64)] = last_sampled[sources]
+    return Penalties(
+        repetition=device_array([s.sampling_params.repetition_penalty for s in seqs], np.float32),
+        frequency=device_array([s.sampling_params.frequency_penalty for s in seqs], np.float32),
+        presence=device_array([s.sampling_params.presence_penalty for s in seqs], np.float32),
+        prompt_tokens=device_array(padded(prompts), np.int64),
+        output_tokens=output_tokens,
+    )
