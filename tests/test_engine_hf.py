@@ -60,7 +60,7 @@ def test_preemption_matches_hf(tiny_model, hf, vocab_ids):
     prompts = random_prompts(12, 20, 120, vocab_ids, seed=4)
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     llm = make_llm(tiny_model, max_model_len=256, max_num_batched_tokens=256, num_kvcache_blocks=16)
-    seqs = [request.completions[0].seq for request in llm._add_all(prompts, params, stream=False)]
+    seqs = [llm.add_request(prompt, params, i) for i, prompt in enumerate(prompts)]
     while not llm.is_finished():
         llm.step()
         assert_invariants(llm)

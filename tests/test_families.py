@@ -39,7 +39,7 @@ def test_greedy_matches_hf_with_cache_hits_preemption_and_chunks(family):
     prompts = shared_prefix_prompts(8, seed=1)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     llm = make_llm(path, scheduling_policy="chunked", max_model_len=256, max_num_batched_tokens=64, max_num_seqs=4, num_kvcache_blocks=20)
-    seqs = llm._add_all(prompts, params, stream=False)
+    seqs = [llm.add_request(prompt, params, i) for i, prompt in enumerate(prompts)]
     while not llm.is_finished():
         llm.step()
         assert_invariants(llm)
