@@ -1,0 +1,1 @@
+"""Ways to run the engine from outside Python: the command line, batch files, (later) a server."""

@@ -1,0 +1,289 @@
+"""Offline batch inference over a JSONL file, on this machine or data-parallel over Ray replicas.
+
+Input: one JSON object a line, {"prompt": text or token ids, any SamplingParams field}. Output: one
+JSON object per input line, in input order: {"row", "text", "token_ids", "finish_reason"}, or
+{"row", "error"} for a line that is not valid JSON, has an unknown or bad field, or holds a prompt
+the engine rejects; the other rows run. With one replica and no cluster address the rows run
+here through `LLM.generate`, a batch at a time, and Ray is never imported; otherwise
+`nanovllm.entrypoints.replicas` runs them on Ray actors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from itertools import islice
+from typing import IO
+
+from tqdm.auto import tqdm
+
+from nanovllm.config import Config
+from nanovllm.llm import LLM
+from nanovllm.sampling_params import SamplingParams
+
+SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams) if f.init)
+
+
+@dataclass
+class Row:
+    """One input line: its prompt and sampling settings, or why it has none."""
+
+    row: int
+    prompt: str | list[int] | None = None
+    params: SamplingParams | None = None
+    error: str | None = None
+
+
+@dataclass
+class BatchDone:
+    """One batch of rows finished by `replica` (a name), with its output records; times are time.time()."""
+
+    replica: str
+    records: list[dict]
+    started: float
+    finished: float
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(record.get("token_ids", ())) for record in self.records)
+
+
+@dataclass
+class BatchSummary:
+    """What a run did: rows written, error records among them, tokens generated, and the replica
+    failures it survived (batches re-run after their replica died, replicas lost)."""
+
+    num_rows: int = 0
+    num_errors: int = 0
+    num_tokens: int = 0
+    elapsed_s: float = 0.0
+    rerun_batches: int = 0
+    dead_replicas: list[str] = field(default_factory=list)
+
+
+def parse_line(row: int, line: bytes) -> Row:
+    """Decode one input line into a Row; anything wrong with it becomes the Row's error."""
+    if not line.strip():
+        return Row(row, error="the line is empty")
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        return Row(row, error=f"line is not valid JSON: {exc}")
+    if not isinstance(obj, dict):
+        return Row(row, error=f"a line must be a JSON object, got {type(obj).__name__}")
+    if "prompt" not in obj:
+        return Row(row, error="the object has no 'prompt'")
+    unknown = sorted(set(obj) - {"prompt", *SAMPLING_FIELDS})
+    if unknown:
+        return Row(row, error=f"unknown field(s) {unknown}; valid fields are {['prompt', *SAMPLING_FIELDS]}")
+    try:
+        params = SamplingParams(**{key: value for key, value in obj.items() if key != "prompt"})
+    except (TypeError, ValueError) as exc:
+        return Row(row, error=str(exc))
+    return Row(row, obj["prompt"], params)
+
+
+def read_batches(path: str, batch_size: int) -> Iterator[list[Row]]:
+    """The file's rows, parsed, `batch_size` at a time (lazily: the input may not fit in memory)."""
+    with open(path, "rb") as file:
+        rows = (parse_line(row, line) for row, line in enumerate(file))
+        while batch := list(islice(rows, batch_size)):
+            yield batch
+
+
+def run_rows(llm: LLM, rows: list[Row]) -> list[dict]:
+    """Output records for `rows`, in their order: each row is checked by the engine on its own, so a
+    prompt it rejects (too long, a token id outside the vocabulary) costs only that row; the valid
+    ones are generated together."""
+    errors: dict[int, str] = {}
+    valid: list[tuple[Row, list[int], SamplingParams]] = []
+    for row in rows:
+        if row.error is not None:
+            errors[row.row] = row.error
+            continue
+        try:
+            [(token_ids, params)] = llm._validate([row.prompt], row.params)
+        except (TypeError, ValueError) as exc:
+            errors[row.row] = str(exc)
+            continue
+        valid.append((row, token_ids, params))
+    outputs = llm.generate([token_ids for _, token_ids, _ in valid], [params for *_, params in valid], use_tqdm=False) if valid else []
+    records = {row.row: {"row": row.row, "error": error} for row in rows if (error := errors.get(row.row)) is not None}
+    for (row, _, params), output in zip(valid, outputs):
+        record = {"row": row.row, "text": output["text"], "token_ids": output["token_ids"], "finish_reason": output["finish_reason"]}
+        if params.logprobs is not None:
+            record["logprobs"] = output["logprobs"]
+        records[row.row] = record
+    return [records[row.row] for row in rows]
+
+
+def run_local(llm: LLM, batches: Iterable[list[Row]]) -> Iterator[BatchDone]:
+    for rows in batches:
+        started = time.time()
+        records = run_rows(llm, rows)
+        yield BatchDone("local", records, started, time.time())
+
+
+class OrderedWriter:
+    """Writes records in row order whatever order they arrive in, each row exactly once."""
+
+    def __init__(self, file: IO[str]) -> None:
+        self.file = file
+        self.next_row = 0
+        self.waiting: dict[int, dict] = {}
+
+    def add(self, record: dict) -> None:
+        row = record["row"]
+        if row < self.next_row or row in self.waiting:
+            raise RuntimeError(f"row {row} was produced twice")
+        self.waiting[row] = record
+        while self.next_row in self.waiting:
+            self.file.write(json.dumps(self.waiting.pop(self.next_row), ensure_ascii=False) + "\n")
+            self.next_row += 1
+
+    def check_complete(self, num_rows: int) -> None:
+        if self.waiting or self.next_row != num_rows:
+            raise RuntimeError(f"{num_rows - self.next_row} of {num_rows} rows have no output (first missing: row {self.next_row})")
+
+
+def count_lines(path: str) -> int:
+    with open(path, "rb") as file:
+        return sum(1 for _ in file)
+
+
+def run_batch(
+    model: str,
+    input_path: str,
+    output_path: str,
+    replicas: int = 1,
+    address: str | None = None,
+    batch_size: int = 256,
+    cpus_per_replica: float = 1.0,
+    batch_timeout_s: float | None = None,
+    on_batch_done: Callable[[BatchDone], None] | None = None,
+    use_tqdm: bool = True,
+    **engine_kwargs: object,
+) -> BatchSummary:
+    """Run every line of `input_path` and write `output_path` (see the module docstring).
+
+    replicas == 1 and no `address`: here, without Ray. Otherwise `replicas` engines on a Ray
+    cluster (`address`, or a local one started for this run), each owning tensor_parallel_size
+    GPUs of one node (or `cpus_per_replica` CPUs without GPUs); see `replicas.ReplicaPool`.
+    `on_batch_done` sees every finished batch (after the next one was handed to its replica).
+    The output appears only when complete: it is written next to its final name, then renamed.
+    """
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise ValueError(f"replicas must be an int >= 1, got {replicas!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    num_rows = count_lines(input_path)
+    batches = read_batches(input_path, batch_size)
+    summary = BatchSummary()
+    start = time.perf_counter()
+    partial_path = output_path + ".partial"
+    bar = tqdm(total=num_rows, unit="row", desc="Batch", dynamic_ncols=True, disable=not use_tqdm)
+    try:
+        with open(partial_path, "w", encoding="utf-8") as file:
+            writer = OrderedWriter(file)
+            with _open_runner(model, engine_kwargs, replicas, address, cpus_per_replica, batch_timeout_s, summary) as run:
+                for done in run(batches):
+                    for record in done.records:
+                        writer.add(record)
+                    summary.num_errors += sum("error" in record for record in done.records)
+                    summary.num_tokens += done.num_tokens
+                    bar.update(len(done.records))
+                    bar.set_postfix(tok_per_s=f"{summary.num_tokens / (time.perf_counter() - start):.0f}")
+                    if on_batch_done is not None:
+                        on_batch_done(done)
+            writer.check_complete(num_rows)
+        os.replace(partial_path, output_path)
+    finally:
+        bar.close()
+        if os.path.exists(partial_path):
+            os.remove(partial_path)
+    summary.num_rows = num_rows
+    summary.elapsed_s = time.perf_counter() - start
+    return summary
+
+
+@contextmanager
+def _open_runner(model: str, engine_kwargs: dict, replicas: int, address: str | None, cpus_per_replica: float,
+                 batch_timeout_s: float | None, summary: BatchSummary) -> Iterator[Callable[[Iterable[list[Row]]], Iterator[BatchDone]]]:
+    """`run(batches) -> Iterator[BatchDone]` over one local engine, or over a Ray replica pool."""
+    if replicas == 1 and address is None:
+        llm = LLM(model, **engine_kwargs)
+        try:
+            yield lambda batches: run_local(llm, batches)
+        finally:
+            llm.exit()
+        return
+    from nanovllm.entrypoints.replicas import ReplicaPool
+
+    pool = ReplicaPool(model, engine_kwargs, replicas, address, cpus_per_replica, batch_timeout_s)
+    try:
+        yield pool.run
+    finally:
+        pool.close()
+        summary.rerun_batches = pool.rerun_batches
+        summary.dead_replicas = pool.dead_replicas
+
+
+# ---- command line -------------------------------------------------------------------------
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """--kebab-case flags for Config's fields; only the ones given reach the engine."""
+    group = parser.add_argument_group("engine settings (nanovllm.config.Config)")
+    for f in fields(Config):
+        if not f.init or f.name == "model":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if "bool" in str(f.type):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        else:
+            group.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS, metavar=f.name.upper())
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="nanovllm batch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="a local Hugging Face model folder")
+    parser.add_argument("--input", required=True, help="JSONL file: one {\"prompt\": ..., sampling fields} a line")
+    parser.add_argument("--output", required=True, help="JSONL file written with one result per input line")
+    parser.add_argument("--replicas", type=int, default=1, help="engine replicas (> 1 runs on Ray)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: a local cluster when replicas > 1)")
+    parser.add_argument("--batch-size", type=int, default=256, help="rows handed to a replica at a time")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved per replica")
+    parser.add_argument("--batch-timeout", type=float, default=None, help="seconds before a replica stuck on one batch is killed and the batch re-run")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_engine_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = vars(build_parser().parse_args(argv))
+    summary = run_batch(
+        args.pop("model"),
+        args.pop("input"),
+        args.pop("output"),
+        replicas=args.pop("replicas"),
+        address=args.pop("address"),
+        batch_size=args.pop("batch_size"),
+        cpus_per_replica=args.pop("cpus_per_replica"),
+        batch_timeout_s=args.pop("batch_timeout"),
+        use_tqdm=not args.pop("no_progress"),
+        **args,
+    )
+    print(
+        f"{summary.num_rows} rows ({summary.num_errors} errors), {summary.num_tokens} tokens in {summary.elapsed_s:.1f} s"
+        f" ({summary.num_tokens / max(summary.elapsed_s, 1e-9):.0f} tok/s)",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    main()

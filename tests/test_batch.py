@@ -1,0 +1,201 @@
+"""The JSONL batch runner: here without Ray, and over two Ray replicas on a local 2-CPU cluster."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import make_llm, random_prompts
+
+from nanovllm import SamplingParams
+from nanovllm.entrypoints.batch import BatchDone, OrderedWriter, run_batch
+
+# make_llm's engine, so the runner's output can be compared with one offline generate call.
+ENGINE = dict(device="cpu", kvcache_block_size=16, max_model_len=512, max_num_batched_tokens=1024, num_kvcache_blocks=256)
+REPO = str(pathlib.Path(__file__).resolve().parents[1])
+
+
+def good_rows(count: int, vocab: int) -> list[dict]:
+    """Text and token-id prompts; mostly greedy, some seeded sampling (reproducible whatever the batch)."""
+    prompts = random_prompts(count, 2, 24, vocab, seed=16)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        row: dict = {"prompt": f"batch row {i}: hello world" if i % 4 == 0 else prompt, "max_tokens": 3 + i % 5, "temperature": 0}
+        if i % 3 == 0:
+            row["ignore_eos"] = True
+        if i % 7 == 0:
+            row.update(temperature=0.8, top_k=20, seed=i)
+        rows.append(row)
+    return rows
+
+
+# (line, words its error must contain); `max_model_len` is 512 and the tiny vocabulary has 2048 ids.
+BAD_LINES = [
+    ("{not json", "not valid JSON"),
+    ("", "empty"),
+    ("[1, 2, 3]", "JSON object"),
+    ('{"max_tokens": 4}', "no 'prompt'"),
+    ('{"prompt": [5, 6], "max_token": 4}', "max_token"),
+    ('{"prompt": [5, 6], "temperature": -1}', "temperature"),
+    (json.dumps({"prompt": [5] * 600}), "max_model_len=512"),
+    ('{"prompt": [5, 99999]}', "99999"),
+    ('{"prompt": 42}', "int"),
+]
+
+
+def write_input(path: pathlib.Path, rows: list[dict], bad_every: int) -> dict[int, str]:
+    """Write `rows` with BAD_LINES spread among them; returns {line number: expected error words}."""
+    lines, bad = [], {}
+    good = iter(rows)
+    for bad_line, words in BAD_LINES:
+        lines += [json.dumps(row) for row in [next(good) for _ in range(bad_every)]]
+        bad[len(lines)] = words
+        lines.append(bad_line)
+    lines += [json.dumps(row) for row in good]
+    path.write_text("\n".join(lines) + "\n")
+    return bad
+
+
+def reference(tiny_model: str, rows: list[dict]) -> list[dict]:
+    """One offline generate over all rows."""
+    llm = make_llm(tiny_model)
+    try:
+        params = [SamplingParams(**{k: v for k, v in row.items() if k != "prompt"}) for row in rows]
+        return llm.generate([row["prompt"] for row in rows], params, use_tqdm=False)
+    finally:
+        llm.exit()
+
+
+def check_output(path: pathlib.Path, expected: list[dict], bad: dict[int, str]) -> None:
+    """Every line once, in order; bad lines carry their error, the others equal `expected` in order."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [record["row"] for record in records] == list(range(len(expected) + len(bad)))
+    good = iter(expected)
+    for record in records:
+        if record["row"] in bad:
+            assert set(record) == {"row", "error"} and bad[record["row"]] in record["error"], record
+        else:
+            want = next(good)
+            got = (record["text"], record["token_ids"], record["finish_reason"])
+            assert got == (want["text"], want["token_ids"], want["finish_reason"]), record["row"]
+
+
+@pytest.fixture(scope="module")
+def batch_input(tmp_path_factory: pytest.TempPathFactory, tiny_model: str, vocab_ids: int) -> tuple[pathlib.Path, list[dict], dict[int, str]]:
+    rows = good_rows(200, vocab_ids)
+    path = tmp_path_factory.mktemp("batch") / "prompts.jsonl"
+    bad = write_input(path, rows, bad_every=17)
+    return path, reference(tiny_model, rows), bad
+
+
+# ---- one replica, no Ray ------------------------------------------------------------------
+
+
+def test_cli_without_ray_equals_generate_and_bad_lines_get_errors(tiny_model: str, batch_input, tmp_path: pathlib.Path) -> None:
+    path, expected, bad = batch_input
+    output = tmp_path / "out.jsonl"
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in ENGINE.items()]
+    script = (
+        "import sys, torch\n"
+        "torch.set_num_threads(1)  # as in conftest: the box is shared\n"
+        "from nanovllm.entrypoints.batch import main\n"
+        f"main({[tiny_model, '--input', str(path), '--output', str(output), '--batch-size', '64', *flags]!r})\n"
+        "assert 'ray' not in sys.modules, 'the local path imported ray'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"{len(expected) + len(bad)} rows ({len(bad)} errors)" in done.stderr
+    check_output(output, expected, bad)
+    assert not os.path.exists(f"{output}.partial")
+
+
+def test_failed_run_leaves_no_output(tmp_path: pathlib.Path, batch_input) -> None:
+    output = tmp_path / "out.jsonl"
+    with pytest.raises(ValueError, match="not a directory"):
+        run_batch(str(tmp_path / "no-model"), str(batch_input[0]), str(output), use_tqdm=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_ordered_writer_writes_in_row_order_and_refuses_a_row_twice(tmp_path: pathlib.Path) -> None:
+    with open(tmp_path / "out.jsonl", "w") as file:
+        writer = OrderedWriter(file)
+        for row in (2, 0, 1):
+            writer.add({"row": row})
+        with pytest.raises(RuntimeError, match="row 1 was produced twice"):
+            writer.add({"row": 1})
+        with pytest.raises(RuntimeError, match="1 of 4 rows have no output"):
+            writer.check_complete(4)
+    assert [json.loads(line)["row"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+# ---- two Ray replicas ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    # The replicas import this checkout's nanovllm, whatever is installed.
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": REPO}})
+    yield ray
+    ray.shutdown()
+
+
+def run_two_replicas(tiny_model: str, path: pathlib.Path, output: pathlib.Path, on_batch_done) -> object:
+    return run_batch(
+        tiny_model, str(path), str(output), replicas=2, batch_size=10, cpus_per_replica=1.0, batch_timeout_s=120,
+        on_batch_done=on_batch_done, use_tqdm=False, **ENGINE,
+    )
+
+
+@pytest.fixture(scope="module")
+def two_replica_run(ray_cluster, tiny_model: str, batch_input, tmp_path_factory: pytest.TempPathFactory):
+    output = tmp_path_factory.mktemp("ray") / "out.jsonl"
+    batches: list[BatchDone] = []
+    summary = run_two_replicas(tiny_model, batch_input[0], output, batches.append)
+    return output, summary, batches
+
+
+def test_two_replicas_equal_one_generate_row_for_row(two_replica_run, batch_input) -> None:
+    output, summary, _ = two_replica_run
+    _, expected, bad = batch_input
+    check_output(output, expected, bad)
+    assert (summary.num_rows, summary.num_errors, summary.rerun_batches, summary.dead_replicas) == (len(expected) + len(bad), len(bad), 0, [])
+
+
+def test_two_replicas_share_the_rows_and_run_at_once(two_replica_run) -> None:
+    _, summary, batches = two_replica_run
+    rows: dict[str, int] = {}
+    for done in batches:
+        rows[done.replica] = rows.get(done.replica, 0) + len(done.records)
+    assert len(rows) == 2 and min(rows.values()) >= summary.num_rows // 4, rows
+    spans = {name: [(done.started, done.finished) for done in batches if done.replica == name] for name in rows}
+    first, second = spans.values()
+    overlap = sum(max(0.0, min(a_end, b_end) - max(a_start, b_start)) for a_start, a_end in first for b_start, b_end in second)
+    busy = min(sum(end - start for start, end in first), sum(end - start for start, end in second))
+    assert overlap >= 0.5 * busy, (overlap, busy)
+
+
+def test_killed_replica_has_its_batch_rerun_and_every_row_written_once(ray_cluster, tiny_model: str, batch_input, tmp_path: pathlib.Path) -> None:
+    path, expected, bad = batch_input
+    killed: list[str] = []
+    after_kill: list[str] = []
+
+    def kill_first_to_finish(done: BatchDone) -> None:
+        # The runner has already handed this replica its next batch: it dies holding it (or the one after).
+        if not killed:
+            killed.append(done.replica)
+            ray_cluster.kill(ray_cluster.get_actor(done.replica))
+        else:
+            after_kill.append(done.replica)
+
+    start = time.monotonic()
+    summary = run_two_replicas(tiny_model, path, tmp_path / "out.jsonl", kill_first_to_finish)
+    check_output(tmp_path / "out.jsonl", expected, bad)
+    assert summary.dead_replicas == killed and summary.rerun_batches == 1
+    # The rest ran on the survivor (the killed one may have returned the batch in hand before the kill landed).
+    assert after_kill and after_kill.count(killed[0]) <= 1
+    assert time.monotonic() - start < 120
