@@ -35,7 +35,9 @@ class Scheduler:
     `prefill_first` (nano-vLLM): a step either prefills whole prompts or decodes every running
     sequence. `chunked` (vLLM v1): running sequences go first (one decode token, or the next chunk
     of an unfinished prompt), then waiting prompts fill the rest of the token budget in chunks.
-    When blocks run out, the most recently admitted running sequence is preempted: its blocks
+    `max_num_seqs` bounds the running set (sequences holding blocks), hence every step's batch;
+    `max_num_batched_tokens` bounds a step's tokens. When blocks run out, the most recently
+    admitted running sequence is preempted: its blocks
     are freed and it waits at the head of the queue to be recomputed (its full blocks usually
     still hit the prefix cache).
     """
