@@ -93,14 +93,14 @@ def step_logits(llm: LLM, inputs) -> torch.Tensor:
         return llm.model_runner.execute(inputs).float()
 
 
-def backend_step_logits(path: str, backend: str, dtype: str) -> list[torch.Tensor]:
+def backend_step_logits(path: str, backend: str, dtype: str, graphs: bool = False) -> list[torch.Tensor]:
     """Logits of a prefill (4 prompts of 300 tokens) then of a mixed step over it (sequences 0 and 1
-    decode one token, 2 and 3 prefill 40 more over their 300 cached tokens), eagerly."""
+    decode one token, 2 and 3 prefill 40 more over their 300 cached tokens), eagerly or replaying graphs."""
     import numpy as np
 
     from nanovllm.engine.inputs import prefill_inputs
 
-    llm = cuda_llm(path, attention_backend=backend, enforce_eager=True, dtype=dtype, kvcache_block_size=256, num_kvcache_blocks=64)
+    llm = cuda_llm(path, attention_backend=backend, enforce_eager=not graphs, dtype=dtype, kvcache_block_size=256, num_kvcache_blocks=64)
     prefill = prefill_inputs(4, 300, 256)
     prefill.input_ids = np.random.default_rng(0).integers(3, 1900, prefill.input_ids.shape)
     counts = np.array([1, 1, 40, 40])
@@ -116,14 +116,15 @@ def backend_step_logits(path: str, backend: str, dtype: str) -> list[torch.Tenso
     return logits
 
 
-@pytest.mark.parametrize("backend", ["triton", "flash_attn"])
+@pytest.mark.parametrize("backend,graphs", [("triton", False), ("triton", True), ("flash_attn", False), ("flash_attn", True)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_backend_logits_match_torch_reference(model_hd128, backend, dtype):
-    """Half precision: each GPU backend's logits within rounding of the torch backend's (greedy tokens of
-    random weights flip on near-ties, so logits are what is compared)."""
+def test_backend_logits_match_torch_reference(model_hd128, backend, graphs, dtype):
+    """Half precision: each GPU backend's logits, eager and replayed from token graphs, within rounding of
+    the torch backend's (greedy tokens of random weights flip on near-ties, so logits are compared)."""
     if backend == "flash_attn":
         pytest.importorskip("flash_attn")
-    for got, ref in zip(backend_step_logits(model_hd128, backend, dtype), backend_step_logits(model_hd128, "torch", dtype)):
+    reference = backend_step_logits(model_hd128, "torch", dtype)
+    for got, ref in zip(backend_step_logits(model_hd128, backend, dtype, graphs), reference):
         assert (got - ref).abs().max() <= 0.03 * ref.abs().max()
 
 

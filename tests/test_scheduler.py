@@ -97,14 +97,14 @@ def test_running_set_fits_one_decode_step(make_scheduler, policy, max_num_seqs, 
 
 
 def test_prefill_first_respects_the_token_budget_in_order(make_scheduler):
-    sched = make_scheduler()
+    sched = make_scheduler(scheduling_policy="prefill_first")
     seqs = [add(sched, prompt(n, i), max_tokens=3) for i, n in enumerate([100, 100, 100, 50, 6])]
     first = step(sched)
     assert first.seqs == seqs[:2] and first.num_new_tokens == [100, 100]
     second = step(sched)
     assert second.seqs == seqs[2:] and second.num_new_tokens == [100, 50, 6]
     assert step(sched).num_new_tokens == [1] * 5
-    exact = make_scheduler()
+    exact = make_scheduler(scheduling_policy="prefill_first")
     pair = [add(exact, prompt(128, 10 + i), max_tokens=1) for i in range(3)]
     assert step(exact).seqs == pair[:2], "prompts filling the budget exactly fit one step"
 
@@ -121,7 +121,7 @@ def test_chunked_fills_the_budget_with_chunks(make_scheduler):
 
 def test_prefill_first_steps_are_all_prefill_or_all_decode(make_scheduler):
     rng = random.Random(1)
-    sched = make_scheduler(num_blocks=16, max_num_seqs=4)
+    sched = make_scheduler(num_blocks=16, max_num_seqs=4, scheduling_policy="prefill_first")
     seqs = [add(sched, prompt(rng.randint(1, 200), 30 + i), max_tokens=rng.randint(1, 60)) for i in range(14)]
     kinds = set()
     while not sched.is_finished():

@@ -16,7 +16,7 @@ from nanovllm.engine.rpc import Call, CommandReader, WorkerEnd, Workers
 from nanovllm.engine.sampling_inputs import build_sampling_tensors
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.attention import Attention, AttentionMetadata, select_backend
-from nanovllm.layers.sampler import Sampler, SamplerOutput
+from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingTensors
 from nanovllm.models.registry import resolve_model_class
 from nanovllm.utils.loader import load_model
 from nanovllm.utils.parallel import TPGroup, building_with, create_store
