@@ -29,6 +29,10 @@ def good_rows(count: int, vocab: int) -> list[dict]:
             row["ignore_eos"] = True
         if i % 7 == 0:
             row.update(temperature=0.8, top_k=20, seed=i)
+        if i % 50 == 1:
+            row.update(n=2, temperature=0.8, seed=i)
+        if i % 50 == 2:
+            row.update(logprobs=2, logit_bias={7: 3.0})  # JSON writes the key as "7"
         rows.append(row)
     return rows
 
@@ -60,7 +64,7 @@ def write_input(path: pathlib.Path, rows: list[dict], bad_every: int) -> dict[in
     return bad
 
 
-def reference(tiny_model: str, rows: list[dict]) -> list[dict]:
+def reference(tiny_model: str, rows: list[dict]) -> list:
     """One offline generate over all rows."""
     llm = make_llm(tiny_model)
     try:
@@ -70,18 +74,27 @@ def reference(tiny_model: str, rows: list[dict]) -> list[dict]:
         llm.exit()
 
 
-def check_output(path: pathlib.Path, expected: list[dict], bad: dict[int, str]) -> None:
-    """Every line once, in order; bad lines carry their error, the others equal `expected` in order."""
+def check_output(path: pathlib.Path, expected: list, bad: dict[int, str]) -> None:
+    """Every line once, in order; bad lines carry their error, the others equal `expected`'s outputs in order."""
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert [record["row"] for record in records] == list(range(len(expected) + len(bad)))
     good = iter(expected)
     for record in records:
         if record["row"] in bad:
             assert set(record) == {"row", "error"} and bad[record["row"]] in record["error"], record
-        else:
-            want = next(good)
-            got = (record["text"], record["token_ids"], record["finish_reason"])
-            assert got == (want["text"], want["token_ids"], want["finish_reason"]), record["row"]
+            continue
+        want = next(good).outputs
+        completions = record.get("outputs", [record])
+        assert len(completions) == len(want) and (len(want) > 1) == ("outputs" in record), record["row"]
+        for got, completion in zip(completions, want):
+            assert (got["text"], got["token_ids"], got["finish_reason"]) == (completion.text, completion.token_ids, completion.finish_reason), record["row"]
+            if completion.logprobs is None:
+                assert "logprobs" not in got
+                continue
+            assert len(got["logprobs"]) == len(completion.logprobs)
+            for step, want_step in zip(got["logprobs"], completion.logprobs):
+                assert {int(token_id) for token_id in step} == set(want_step)
+                assert all(step[str(token_id)] == pytest.approx(lp.logprob, abs=1e-4) for token_id, lp in want_step.items())
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@
 Input: one JSON object a line, {"prompt": text or token ids, any SamplingParams field}. Output: one
 JSON object per input line, in input order: {"row", "text", "token_ids", "finish_reason"}, or
 {"row", "error"} for a line that is not valid JSON, has an unknown or bad field, or holds a prompt
-the engine rejects; the other rows run. With one replica and no cluster address the rows run
+the engine rejects; the other rows run. The fields are the first completion's; with n > 1,
+"outputs" lists all n; with logprobs, "logprobs" holds one {token id: logprob} per token. With one replica and no cluster address the rows run
 here through `LLM.generate`, a batch at a time, and Ray is never imported; otherwise
 `nanovllm.entrypoints.replicas` runs them on Ray actors.
 """
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from nanovllm.config import Config
 from nanovllm.llm import LLM
+from nanovllm.outputs import CompletionOutput
 from nanovllm.sampling_params import SamplingParams
 
 SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams) if f.init)
@@ -81,6 +83,8 @@ def parse_line(row: int, line: bytes) -> Row:
     unknown = sorted(set(obj) - {"prompt", *SAMPLING_FIELDS})
     if unknown:
         return Row(row, error=f"unknown field(s) {unknown}; valid fields are {['prompt', *SAMPLING_FIELDS]}")
+    if isinstance(obj.get("logit_bias"), dict):  # JSON object keys are strings; token ids are ints
+        obj["logit_bias"] = {int(key) if key.lstrip("-").isdigit() else key: bias for key, bias in obj["logit_bias"].items()}
     try:
         params = SamplingParams(**{key: value for key, value in obj.items() if key != "prompt"})
     except (TypeError, ValueError) as exc:
@@ -107,19 +111,26 @@ def run_rows(llm: LLM, rows: list[Row]) -> list[dict]:
             errors[row.row] = row.error
             continue
         try:
-            [(token_ids, params)] = llm._validate([row.prompt], row.params)
+            checked = llm._validate([row.prompt], row.params)
         except (TypeError, ValueError) as exc:
             errors[row.row] = str(exc)
             continue
+        [(_, token_ids, params)] = checked
         valid.append((row, token_ids, params))
     outputs = llm.generate([token_ids for _, token_ids, _ in valid], [params for *_, params in valid], use_tqdm=False) if valid else []
-    records = {row.row: {"row": row.row, "error": error} for row in rows if (error := errors.get(row.row)) is not None}
+    records = {row: {"row": row, "error": error} for row, error in errors.items()}
     for (row, _, params), output in zip(valid, outputs):
-        record = {"row": row.row, "text": output["text"], "token_ids": output["token_ids"], "finish_reason": output["finish_reason"]}
-        if params.logprobs is not None:
-            record["logprobs"] = output["logprobs"]
-        records[row.row] = record
+        completions = [_completion_record(completion) for completion in output.outputs]
+        records[row.row] = {"row": row.row, **completions[0], **({"outputs": completions} if params.n > 1 else {})}
     return [records[row.row] for row in rows]
+
+
+def _completion_record(completion: CompletionOutput) -> dict:
+    """text, token_ids, finish_reason (+ logprobs as one {token id: logprob} per generated token)."""
+    record = {"text": completion.text, "token_ids": completion.token_ids, "finish_reason": completion.finish_reason}
+    if completion.logprobs is not None:
+        record["logprobs"] = [{str(token_id): lp.logprob for token_id, lp in step.items()} for step in completion.logprobs]
+    return record
 
 
 def run_local(llm: LLM, batches: Iterable[list[Row]]) -> Iterator[BatchDone]:
