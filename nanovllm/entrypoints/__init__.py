@@ -1,1 +1,1 @@
-"""Ways to run the engine from outside Python: the command line, batch files, (later) a server."""
+"""Ways to run the engine from outside Python: the command line, batch files, the HTTP server (they import the engine, never the reverse)."""

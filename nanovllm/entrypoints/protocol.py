@@ -1,0 +1,161 @@
+"""OpenAI request bodies (plus vLLM's extra sampling fields) and their translation to SamplingParams.
+
+Unknown fields are ignored, as OpenAI's clients send some this engine has no use for; a field that
+asks for behaviour the engine lacks (echo, suffix, penalties SamplingParams has no field for) is
+refused with a 400 rather than silently ignored.
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from nanovllm.sampling_params import SamplingParams
+
+# Fields SamplingParams may gain (the api work adds penalties): forwarded when it has them, refused otherwise.
+MAX_N = 64
+OPTIONAL_SAMPLING_FIELDS = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": None}
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    @property
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # vLLM's extra sampling fields
+    top_k: int = -1
+    min_p: float = 0.0
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+    def _logprobs(self) -> int | None:
+        raise NotImplementedError
+
+    def _max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def check_n(self) -> None:
+        if not 1 <= self.n <= MAX_N:
+            raise ApiError(400, f"n must be in [1, {MAX_N}], got {self.n}", "n")
+
+    def sampling_params(self, default_max_tokens: int, choice: int) -> SamplingParams:
+        """SamplingParams of choice number `choice` (of `n`): each choice gets its own seed (seed + choice)."""
+        supported = {f.name for f in fields(SamplingParams)}
+        extra = {}
+        for name, neutral in OPTIONAL_SAMPLING_FIELDS.items():
+            value = getattr(self, name)
+            if value is None or value == neutral or (name == "logit_bias" and not value):
+                continue
+            if name not in supported:
+                raise ApiError(400, f"{name} is not supported by this engine (got {value!r})", name)
+            extra[name] = {int(k): v for k, v in value.items()} if name == "logit_bias" else value
+        try:
+            return SamplingParams(
+                temperature=self.temperature,
+                top_k=self.top_k if self.top_k not in (0, None) else -1,
+                top_p=self.top_p,
+                min_p=self.min_p,
+                seed=None if self.seed is None else self.seed + choice,
+                max_tokens=default_max_tokens if self._max_tokens() is None else self._max_tokens(),
+                min_tokens=self.min_tokens,
+                ignore_eos=self.ignore_eos,
+                stop_token_ids=self.stop_token_ids or [],
+                stop=[] if self.stop is None else self.stop,
+                logprobs=self._logprobs(),
+                **extra,
+            )
+        except (ValueError, TypeError) as error:
+            raise ApiError(400, str(error)) from error
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+
+    def _logprobs(self) -> int | None:
+        return self.logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: one string, a list of strings, one token-id list or a list of them."""
+        if self.echo:
+            raise ApiError(400, "echo is not supported by this engine", "echo")
+        if self.suffix:
+            raise ApiError(400, "suffix is not supported by this engine", "suffix")
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]
+        if not prompt:
+            raise ApiError(400, "prompt is empty", "prompt")
+        return list(prompt)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[dict[str, Any]]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def _logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def _max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_tokens is None else self.max_tokens
+
+    def conversation(self) -> list[dict[str, str]]:
+        """Messages as the chat template wants them: role and text content (text parts are joined)."""
+        if not self.messages:
+            raise ApiError(400, "messages is empty", "messages")
+        conversation = []
+        for i, message in enumerate(self.messages):
+            role, content = message.get("role"), message.get("content")
+            if not isinstance(role, str):
+                raise ApiError(400, f"messages[{i}].role must be a string, got {role!r}", "messages")
+            if isinstance(content, list):
+                if any(not isinstance(part, dict) or part.get("type") != "text" for part in content):
+                    raise ApiError(400, f"messages[{i}].content: only text parts are supported", "messages")
+                content = "".join(str(part.get("text", "")) for part in content)
+            if not isinstance(content, str):
+                raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts, got {content!r}", "messages")
+            conversation.append({"role": role, "content": content})
+        return conversation

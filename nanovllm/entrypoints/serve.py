@@ -1,0 +1,358 @@
+"""OpenAI-compatible HTTP server (FastAPI + uvicorn) over one EngineLoop: every HTTP request becomes
+engine requests (one per prompt and choice) that share decode steps with everyone else's."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import jinja2
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from nanovllm.engine.engine_loop import EngineLoop, EngineStopped, Output, QueueFull, RequestStream
+from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.entrypoints.cli import engine_kwargs
+from nanovllm.entrypoints.metrics import RequestTimer, ServerMetrics
+from nanovllm.entrypoints.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingRequest
+from nanovllm.entrypoints.responses import chat_logprobs, completion_logprobs
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context limit
+
+
+class BodySizeLimit:
+    """ASGI middleware: a request body above `max_bytes` gets 413 before the app reads any of it."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        too_large = declared is not None and declared.isdigit() and int(declared) > self.max_bytes
+        body, more = b"", not too_large
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            too_large = len(body) > self.max_bytes
+            more = more and not too_large
+        if too_large:
+            error = ApiError(413, f"request body is larger than the limit of {self.max_bytes} bytes")
+            return await JSONResponse(error.body, error.status)(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+@dataclass
+class ServerState:
+    engine_loop: EngineLoop
+    tokenizer: PreTrainedTokenizerBase
+    model_name: str
+    max_model_len: int
+    metrics: ServerMetrics
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class Choice:
+    """One engine request behind one choice of a response."""
+
+    index: int
+    stream: RequestStream
+    timer: RequestTimer
+    text: str = ""
+    num_tokens: int = 0
+    logprobs: list[tuple[int, dict[int, float]]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, output: Output) -> None:
+        self.timer.record(output)
+        self.text += output.text
+        self.num_tokens += len(output.token_ids)
+        if output.logprobs is not None:
+            self.logprobs += zip(output.token_ids, output.logprobs)
+        self.finish_reason = output.finish_reason
+
+    def close(self) -> None:
+        """Abort the engine request if it is still running (client gone, a sibling refused, shutdown)."""
+        if self.stream.close():
+            self.timer.metrics.requests.labels("abort").inc()
+
+
+def _usage(choices: list[Choice], n: int) -> dict:
+    prompt = sum(c.stream.accepted.num_prompt_tokens for c in choices[::n])
+    completion = sum(c.num_tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _open_choices(state: ServerState, request: SamplingRequest, prompts: list, default_max_tokens: int) -> list[Choice]:
+    """One engine request per prompt and choice, all accepted or none (a refusal closes the others)."""
+    if request.model is not None and request.model != state.model_name:
+        raise ApiError(400, f"model {request.model!r} is not served here; the model is {state.model_name!r}", "model", "model_not_found")
+    request.check_n()
+    choices: list[Choice] = []
+    try:
+        for prompt in prompts:
+            for i in range(request.n):
+                params = request.sampling_params(default_max_tokens, i)
+                timer = RequestTimer(state.metrics)
+                try:
+                    stream = await RequestStream.open(state.engine_loop, prompt, params)
+                except (ValueError, TypeError) as error:
+                    raise ApiError(400, str(error), "prompt") from error
+                except (QueueFull, EngineStopped) as error:
+                    raise ApiError(503, str(error)) from error
+                state.metrics.prompt_tokens.inc(stream.accepted.num_prompt_tokens)
+                choices.append(Choice(len(choices), stream, timer))
+    except BaseException:
+        for choice in choices:
+            choice.close()
+        raise
+    return choices
+
+
+async def _merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, Output]]:
+    """Every choice's outputs as they come (one task per choice feeding one queue)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(choice: Choice) -> None:
+        try:
+            async for output in choice.stream:
+                await queue.put((choice, output))
+        except EngineStopped as error:
+            await queue.put((choice, error))
+
+    tasks = [asyncio.create_task(pump(choice)) for choice in choices]
+    try:
+        live = len(choices)
+        while live:
+            choice, item = await queue.get()
+            if isinstance(item, EngineStopped):
+                raise item
+            choice.add(item)
+            live -= item.finished
+            yield choice, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _until_disconnected(http_request: Request) -> None:
+    while (await http_request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(http_request: Request, choices: list[Choice]) -> None:
+    """Run every choice to its end; a client that disconnects first aborts them (via the caller's finally)."""
+    async def drain() -> None:
+        async for _ in _merged(choices):
+            pass
+
+    work = asyncio.create_task(drain())
+    watcher = asyncio.create_task(_until_disconnected(http_request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+    if work.cancelled():
+        raise asyncio.CancelledError("the client disconnected")
+    try:
+        work.result()
+    except EngineStopped as error:
+        raise ApiError(503, str(error)) from error
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def _streaming_response(choices: list[Choice], n: int, include_usage: bool, header: dict, render) -> StreamingResponse:
+    """SSE: one event per output (`render(choice, output)` makes its choice entry), then usage if asked, then [DONE]."""
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for choice, output in _merged(choices):
+                entry = render(choice, output)
+                if entry is not None:
+                    yield _sse({**header, "choices": [entry]})
+            if include_usage:
+                yield _sse({**header, "choices": [], "usage": _usage(choices, n)})
+        except EngineStopped as error:
+            yield _sse(ApiError(503, str(error)).body)
+        finally:
+            for choice in choices:
+                choice.close()
+        yield _sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def build_app(engine_loop: EngineLoop, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+    """The ASGI app; its shutdown closes `engine_loop` (aborting what is still running)."""
+    engine = engine_loop.engine
+    state = ServerState(engine_loop, AutoTokenizer.from_pretrained(engine.config.model), model_name,
+                        engine.config.max_model_len, ServerMetrics(engine_loop))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await asyncio.to_thread(engine_loop.close)
+
+    def require_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise ApiError(401, "missing or wrong API key (send `Authorization: Bearer KEY`)", code="invalid_api_key")
+
+    app = FastAPI(title="nanovllm", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body, error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        return JSONResponse(ApiError(400, f"invalid request body: {problems}").body, 400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return JSONResponse(ApiError(error.status_code, str(error.detail)).body, error.status_code)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if engine_loop.is_alive() else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @v1.get("/models")
+    async def models() -> dict:
+        card = {"id": model_name, "object": "model", "created": state.created, "owned_by": "nanovllm", "max_model_len": state.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, http_request: Request):
+        choices = await _open_choices(state, body, body.prompts(), COMPLETION_DEFAULT_MAX_TOKENS)
+        header = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model_name}
+
+        def entry(choice: Choice, output: Output) -> dict:
+            logprobs = None
+            if output.logprobs is not None:
+                logprobs = completion_logprobs(state.tokenizer, list(zip(output.token_ids, output.logprobs)), len(choice.text) - len(output.text))
+            return {"index": choice.index, "text": output.text, "logprobs": logprobs, "finish_reason": output.finish_reason}
+
+        if body.stream:
+            return _streaming_response(choices, body.n, body.include_usage, header, entry)
+        try:
+            await _collect(http_request, choices)
+        finally:
+            for choice in choices:
+                choice.close()
+        results = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+                    "logprobs": completion_logprobs(state.tokenizer, c.logprobs, 0) if body.logprobs is not None else None} for c in choices]
+        return {**header, "choices": results, "usage": _usage(choices, body.n)}
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, http_request: Request):
+        try:
+            prompt = state.tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        except (jinja2.TemplateError, ValueError) as error:
+            raise ApiError(400, f"the chat template failed on these messages: {error}", "messages") from error
+        choices = await _open_choices(state, body, [prompt], state.max_model_len)
+        header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name}
+
+        def entry(choice: Choice, output: Output) -> dict | None:
+            first = choice.num_tokens == len(output.token_ids)
+            if not output.text and not output.finished and not first:
+                return None
+            delta = {"role": "assistant", "content": output.text} if first else {"content": output.text}
+            logprobs = chat_logprobs(state.tokenizer, list(zip(output.token_ids, output.logprobs)), body.top_logprobs or 0) if body.logprobs else None
+            return {"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": output.finish_reason}
+
+        if body.stream:
+            return _streaming_response(choices, body.n, body.include_usage, header, entry)
+        try:
+            await _collect(http_request, choices)
+        finally:
+            for choice in choices:
+                choice.close()
+        results = [{"index": c.index, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
+                    "logprobs": chat_logprobs(state.tokenizer, c.logprobs, body.top_logprobs or 0) if body.logprobs else None} for c in choices]
+        return {**header, "object": "chat.completion", "choices": results, "usage": _usage(choices, body.n)}
+
+    app.include_router(v1)
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, whose shutdown (SIGTERM, SIGINT) gives in-flight requests `grace_s` seconds and
+    then ends them through the engine loop (finish_reason "abort"), so every stream still ends with
+    [DONE] before uvicorn closes the connections."""
+
+    def __init__(self, config: uvicorn.Config, engine_loop: EngineLoop, grace_s: float) -> None:
+        super().__init__(config)
+        self.engine_loop = engine_loop
+        self.grace_s = grace_s
+
+    async def shutdown(self, sockets=None) -> None:
+        async def end_in_flight() -> None:
+            await asyncio.sleep(self.grace_s)
+            await asyncio.to_thread(self.engine_loop.close)
+
+        ender = asyncio.create_task(end_in_flight())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            ender.cancel()
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    """SIGTERM outside uvicorn's own handling (while loading, or re-raised by uvicorn after its graceful
+    shutdown): unwind normally so finalizers stop workers and free shared memory; exit status 0."""
+    raise SystemExit(0)
+
+
+def run(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    engine = LLMEngine(args.model, **engine_kwargs(args))
+    engine_loop = EngineLoop(engine, args.max_waiting)
+    try:
+        app = build_app(engine_loop, args.served_model_name or args.model, args.api_key, args.max_body_bytes)
+        # uvicorn's own limit is a backstop: the engine loop ends every request at shutdown_timeout.
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                timeout_graceful_shutdown=args.shutdown_timeout + 10)
+        _Server(config, engine_loop, args.shutdown_timeout).run()
+    finally:
+        engine_loop.close()
+    return 0
