@@ -146,6 +146,16 @@ def test_logprobs_equal_offline(client, offline, tiny_model) -> None:
         assert item.logprob == pytest.approx(item.top_logprobs[0].logprob)  # greedy: the sampled token is the most likely
 
 
+def assert_one_more_abort_and_blocks_freed(server: Server, before: dict[str, float]) -> dict[str, float]:
+    deadline = time.monotonic() + 10
+    while (after := server.metrics())["nanovllm_kv_blocks_used"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert after["nanovllm_kv_blocks_used"] == 0 and after["nanovllm_num_requests_running"] == 0
+    aborted = 'nanovllm_requests_total{finish_reason="abort"}'
+    assert after[aborted] == before.get(aborted, 0) + 1
+    return after
+
+
 def test_disconnect_mid_stream_aborts_and_frees_blocks(server, tiny_model) -> None:
     before = server.metrics()
     body = {"model": tiny_model, "prompt": [9] * 40, "max_tokens": 4000, "ignore_eos": True, "temperature": 0, "stream": True}
@@ -153,13 +163,16 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server, tiny_model) -> No
         lines = response.iter_lines()
         assert sum(1 for _, line in zip(range(6), lines) if line.startswith("data: ")) >= 3
         assert server.metrics()["nanovllm_kv_blocks_used"] > 0
-    deadline = time.monotonic() + 10
-    while (after := server.metrics())["nanovllm_kv_blocks_used"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert after["nanovllm_kv_blocks_used"] == 0 and after["nanovllm_num_requests_running"] == 0
-    aborted = 'nanovllm_requests_total{finish_reason="abort"}'
-    assert after[aborted] == before.get(aborted, 0) + 1
+    after = assert_one_more_abort_and_blocks_freed(server, before)
     assert after["nanovllm_generation_tokens_total"] - before["nanovllm_generation_tokens_total"] < 4000
+
+
+def test_disconnect_before_a_full_response_aborts(server, tiny_model) -> None:
+    before = server.metrics()
+    body = {"model": tiny_model, "prompt": [9] * 40, "max_tokens": 4000, "ignore_eos": True, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+    assert_one_more_abort_and_blocks_freed(server, before)
 
 
 BAD_REQUESTS = {

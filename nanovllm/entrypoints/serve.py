@@ -167,7 +167,7 @@ async def _until_disconnected(http_request: Request) -> None:
 
 
 async def _collect(http_request: Request, choices: list[Choice]) -> None:
-    """Run every choice to its end; a client that disconnects first aborts them (via the caller's finally)."""
+    """Run every choice to its end; a client that disconnects first aborts them all."""
     async def drain() -> None:
         async for _ in _merged(choices):
             pass
@@ -178,10 +178,11 @@ async def _collect(http_request: Request, choices: list[Choice]) -> None:
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        if not work.done():
-            work.cancel()
-    if work.cancelled():
-        raise asyncio.CancelledError("the client disconnected")
+        work.cancel()
+        for choice in choices:
+            choice.close()
+    if not work.done() or work.cancelled():
+        raise ApiError(499, "the client disconnected")  # nginx's "client closed request": nobody reads it
     try:
         work.result()
     except EngineStopped as error:
@@ -274,11 +275,7 @@ def build_app(engine_loop: EngineLoop, model_name: str, api_key: str | None = No
 
         if body.stream:
             return _streaming_response(choices, body.n, body.include_usage, header, entry)
-        try:
-            await _collect(http_request, choices)
-        finally:
-            for choice in choices:
-                choice.close()
+        await _collect(http_request, choices)
         results = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
                     "logprobs": completion_logprobs(state.tokenizer, c.logprobs, 0) if body.logprobs is not None else None} for c in choices]
         return {**header, "choices": results, "usage": _usage(choices, body.n)}
@@ -302,11 +299,7 @@ def build_app(engine_loop: EngineLoop, model_name: str, api_key: str | None = No
 
         if body.stream:
             return _streaming_response(choices, body.n, body.include_usage, header, entry)
-        try:
-            await _collect(http_request, choices)
-        finally:
-            for choice in choices:
-                choice.close()
+        await _collect(http_request, choices)
         results = [{"index": c.index, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
                     "logprobs": chat_logprobs(state.tokenizer, c.logprobs, body.top_logprobs or 0) if body.logprobs else None} for c in choices]
         return {**header, "object": "chat.completion", "choices": results, "usage": _usage(choices, body.n)}
