@@ -1,10 +1,11 @@
-"""Serving benchmark: nano-vLLM's workload (bench.py's draws) sent by N concurrent streaming HTTP clients
-to a `nanovllm serve` subprocess; prints one JSON line with output tok/s, TTFT and ITL p50/p99.
+"""Serving benchmark: a named workload (benchmarks/workloads.py, default nano-vLLM's) sent by concurrent
+streaming HTTP clients, one per request, to a `nanovllm serve` subprocess; prints one JSON line with
+output tok/s, TTFT and ITL p50/p99.
 
 Compare `output_tok_per_s` with `tok_per_s` of `python bench.py` on the same card (the offline ceiling).
 All clients start at once, as in bench.py. TTFT is from sending a request to its first text event; ITL
 is the gap between a request's consecutive text events (one per engine step, as the stream holds back
-only incomplete characters). Runs on CPU with `--preset tiny --num-seqs 8 --max-input-len 64 ...`.
+only incomplete characters). CPU smoke run: `--preset tiny --num-seqs 4 --max-output-len 12 --server-args "--device cpu"`.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import httpx
 import numpy as np
 from transformers import AutoConfig
 
-from bench import make_workload
+from benchmarks.workloads import WORKLOADS, make_workload
 from nanovllm.testing import make_checkpoint
 
 
@@ -81,11 +82,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="HF model folder (default: build a random-weight checkpoint)")
     parser.add_argument("--preset", default="qwen3-0.6b", help="checkpoint preset when --model is absent (tiny on CPU)")
-    parser.add_argument("--num-seqs", type=int, default=256, help="concurrent streaming clients, one request each")
-    parser.add_argument("--min-input-len", type=int, default=100)
-    parser.add_argument("--max-input-len", type=int, default=1024)
-    parser.add_argument("--min-output-len", type=int, default=100)
-    parser.add_argument("--max-output-len", type=int, default=1024)
+    parser.add_argument("--workload", default="nano", choices=WORKLOADS)
+    parser.add_argument("--num-seqs", type=int, help="send only the workload's first N requests")
+    parser.add_argument("--max-output-len", type=int, help="cap every request's max_tokens (CPU smoke runs)")
     parser.add_argument("--server-args", default="", help="extra `nanovllm serve` flags, e.g. '--device cpu --max-model-len 4096'")
     parser.add_argument("--json", help="also append the figures to this file")
     args = parser.parse_args()
@@ -95,10 +94,10 @@ def main() -> None:
     if model is None:
         scratch = tempfile.TemporaryDirectory(prefix="nanovllm-bench-serve-")
         model = str(make_checkpoint(scratch.name, args.preset))
-    workload = make_workload(args, AutoConfig.from_pretrained(model).vocab_size)
-    bodies = [{"model": model, "prompt": prompt, "max_tokens": params.max_tokens, "temperature": params.temperature,
-               "ignore_eos": params.ignore_eos, "stream": True, "stream_options": {"include_usage": True}}
-              for prompt, params in zip(workload.prompts, workload.params)]
+    workload = make_workload(args.workload, AutoConfig.from_pretrained(model).vocab_size)
+    max_tokens = [min(n, args.max_output_len or n) for n in workload.max_tokens][: args.num_seqs]
+    bodies = [{"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0.6, "ignore_eos": True,
+               "stream": True, "stream_options": {"include_usage": True}} for prompt, n in zip(workload.prompts, max_tokens)]
     port = free_port()
     server = start_server(model, port, args.server_args.split())
     try:
@@ -113,7 +112,7 @@ def main() -> None:
     tokens = sum(r[2] for r in results)
     ms = lambda values, q: round(1000 * float(np.percentile(values, q)), 2) if values else None
     figures = {
-        "clients": len(bodies), "output_tokens": tokens, "expected_tokens": sum(p.max_tokens for p in workload.params),
+        "workload": args.workload, "clients": len(bodies), "output_tokens": tokens, "expected_tokens": sum(max_tokens),
         "seconds": round(elapsed, 3), "output_tok_per_s": round(tokens / elapsed, 1),
         "ttft_ms_p50": ms(ttft, 50), "ttft_ms_p99": ms(ttft, 99), "itl_ms_p50": ms(itl, 50), "itl_ms_p99": ms(itl, 99),
         "server_exit": server.returncode, "server_args": args.server_args,
