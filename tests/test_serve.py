@@ -134,7 +134,7 @@ def test_logprobs_equal_offline(client, offline, tiny_model) -> None:
     [expected] = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=5, logprobs=2), use_tqdm=False)
     response = client.completions.create(model=tiny_model, prompt=prompt, max_tokens=5, temperature=0, logprobs=2)
     got = response.choices[0].logprobs
-    sampled = [entry[t] for t, entry in zip(expected["token_ids"], expected["logprobs"])]
+    sampled = [entry[t].logprob for t, entry in zip(expected["token_ids"], expected["logprobs"])]
     assert got.token_logprobs == pytest.approx(sampled, abs=1e-4)
     assert [len(top) for top in got.top_logprobs] == [len(entry) for entry in expected["logprobs"]]
     chat = client.chat.completions.create(model=tiny_model, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0,

@@ -81,6 +81,7 @@ class Stop:
 
 @dataclass
 class _Live:
+    request_id: int
     seq: Sequence
     deliver: Deliver
     num_logprobs_sent: int = 0
@@ -96,7 +97,7 @@ class EngineLoop:
         self.max_waiting = max_waiting
         self.stats = LoopStats(num_blocks_total=len(engine.scheduler.block_manager.blocks))
         self._inbox: queue.SimpleQueue[AddRequest | AbortRequest | Stop] = queue.SimpleQueue()
-        self._live: dict[int, _Live] = {}
+        self._live: dict[str, _Live] = {}  # by the engine's request id (seq.request_id)
         self._ids = itertools.count()
         self._lock = threading.Lock()  # orders `add` against the loop's final drain, so no add is left unanswered
         self._stopped = False
@@ -169,32 +170,34 @@ class EngineLoop:
             message.accepted.set_exception(QueueFull(f"{waiting} requests are waiting, the limit is max_waiting={self.max_waiting}"))
             return
         try:
-            seq = self.engine.add_request(message.prompt, message.params, index=message.request_id, stream=True)
+            seq = self.engine.add_request(message.prompt, message.params, stream=True)
         except (ValueError, TypeError) as error:
             message.accepted.set_exception(error)
             return
-        self._live[message.request_id] = _Live(seq, message.deliver)
+        self._live[seq.request_id] = _Live(message.request_id, seq, message.deliver)
         message.accepted.set_result(Accepted(message.request_id, seq.num_prompt_tokens))
 
     def _abort(self, request_id: int) -> None:
-        live = self._live.pop(request_id, None)
-        if live is not None:
-            self.engine.abort(live.seq)
+        engine_id = next((key for key, live in self._live.items() if live.request_id == request_id), None)
+        if engine_id is not None:
+            del self._live[engine_id]
+            self.engine.abort(engine_id)
 
     def _step(self) -> None:
         chunks, _, _ = self.engine.step()
         for chunk in chunks:
-            live = self._live.get(chunk.index)
+            live = self._live.get(chunk.request_id)
             if live is None:
                 continue
             logprobs = None
             if live.seq.sampling_params.logprobs is not None:
-                recorded = self.engine.requests[live.seq.seq_id].logprobs
-                logprobs = recorded[live.num_logprobs_sent : live.num_logprobs_sent + len(chunk.token_ids)]
-                live.num_logprobs_sent += len(logprobs)
+                recorded = self.engine.requests[chunk.request_id].completions[0].logprobs
+                new = recorded[live.num_logprobs_sent : live.num_logprobs_sent + len(chunk.token_ids)]
+                logprobs = [{token: lp.logprob for token, lp in entry.items()} for entry in new]
+                live.num_logprobs_sent += len(new)
             if chunk.finished:
-                del self._live[chunk.index]
-                self.engine.requests.pop(live.seq.seq_id, None)
+                del self._live[chunk.request_id]
+                self.engine.abort(chunk.request_id)  # forgets the finished request (its sequence is already done)
             live.deliver(Output(chunk.text, chunk.token_ids, logprobs, chunk.finished, chunk.finish_reason))
 
     def _publish_stats(self) -> None:
@@ -213,9 +216,9 @@ class EngineLoop:
                 break
             if isinstance(message, AddRequest):
                 message.accepted.set_exception(failure or EngineStopped("the engine loop is stopped"))
-        for request_id, live in list(self._live.items()):
+        for engine_id, live in list(self._live.items()):
             if failure is None:
-                self.engine.abort(live.seq)
+                self.engine.abort(engine_id)
                 live.deliver(Output("", [], None, True, "abort"))
             else:
                 live.deliver(failure)
