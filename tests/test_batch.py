@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -64,9 +65,9 @@ def write_input(path: pathlib.Path, rows: list[dict], bad_every: int) -> dict[in
     return bad
 
 
-def reference(tiny_model: str, rows: list[dict]) -> list:
+def reference(tiny_model: str, rows: list[dict], **engine: object) -> list:
     """One offline generate over all rows."""
-    llm = make_llm(tiny_model)
+    llm = make_llm(tiny_model, **engine)
     try:
         params = [SamplingParams(**{k: v for k, v in row.items() if k != "prompt"}) for row in rows]
         return llm.generate([row["prompt"] for row in rows], params, use_tqdm=False)
@@ -130,6 +131,18 @@ def test_failed_run_leaves_no_output(tmp_path: pathlib.Path, batch_input) -> Non
     output = tmp_path / "out.jsonl"
     with pytest.raises(ValueError, match="not a directory"):
         run_batch(str(tmp_path / "no-model"), str(batch_input[0]), str(output), use_tqdm=False)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("setting, value, words", [
+    ("replicas", 0, "replicas must be >= 1, got 0"),
+    ("batch_size", 2.5, "batch_size must be an int"),
+    ("cpus_per_replica", 0, "cpus_per_replica must be a finite number in (0.0"),
+    ("batch_timeout_s", -1, "batch_timeout_s must be a finite number in (0.0"),
+])
+def test_bad_run_settings_are_named(tmp_path: pathlib.Path, batch_input, tiny_model: str, setting: str, value: object, words: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=re.escape(words)):
+        run_batch(tiny_model, str(batch_input[0]), str(tmp_path / "out.jsonl"), use_tqdm=False, **{setting: value})
     assert os.listdir(tmp_path) == []
 
 
@@ -212,3 +225,24 @@ def test_killed_replica_has_its_batch_rerun_and_every_row_written_once(ray_clust
     # The rest ran on the survivor (the killed one may have returned the batch in hand before the kill landed).
     assert after_kill and after_kill.count(killed[0]) <= 1
     assert time.monotonic() - start < 120
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tp", [1, 2])
+def test_two_gpu_replicas_equal_one_generate(tiny_model: str, vocab_ids: int, batch_input, tmp_path: pathlib.Path, tp: int) -> None:
+    """Two replicas, each an engine on its own `tp` GPUs (one placement-group bundle), equal one generate."""
+    import torch
+
+    if torch.cuda.device_count() < 2 * tp:
+        pytest.skip(f"needs {2 * tp} GPUs")
+    ray = pytest.importorskip("ray")
+    path, _, bad = batch_input
+    expected = reference(tiny_model, good_rows(200, vocab_ids), device="cuda")
+    ray.init(num_cpus=4, num_gpus=2 * tp, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": REPO}})
+    try:
+        summary = run_batch(tiny_model, str(path), str(tmp_path / "out.jsonl"), replicas=2, batch_size=16, batch_timeout_s=300,
+                            use_tqdm=False, **{**ENGINE, "device": "cuda", "tensor_parallel_size": tp})
+    finally:
+        ray.shutdown()
+    check_output(tmp_path / "out.jsonl", expected, bad)
+    assert summary.dead_replicas == []

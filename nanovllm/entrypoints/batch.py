@@ -27,6 +27,7 @@ from nanovllm.config import Config
 from nanovllm.llm import LLM
 from nanovllm.outputs import CompletionOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.validation import require_int, require_number
 
 SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams) if f.init)
 
@@ -188,10 +189,11 @@ def run_batch(
     `on_batch_done` sees every finished batch (after the next one was handed to its replica).
     The output appears only when complete: it is written next to its final name, then renamed.
     """
-    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
-        raise ValueError(f"replicas must be an int >= 1, got {replicas!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    require_int("replicas", replicas, 1)
+    require_int("batch_size", batch_size, 1)
+    require_number("cpus_per_replica", cpus_per_replica, 0.0, low_open=True)
+    if batch_timeout_s is not None:
+        require_number("batch_timeout_s", batch_timeout_s, 0.0, low_open=True)
     num_rows = count_lines(input_path)
     batches = read_batches(input_path, batch_size)
     summary = BatchSummary()

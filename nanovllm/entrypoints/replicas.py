@@ -68,14 +68,10 @@ class _Member:
 
 class ReplicaPool:
     """`replicas` engines on a Ray cluster: `address`, the one this process already joined, or a
-    local one started here (and shut down by `close`)."""
+    local one started here (and shut down by `close`). Arguments are checked by `batch.run_batch`."""
 
     def __init__(self, model: str, engine_kwargs: dict, replicas: int, address: str | None, cpus_per_replica: float,
                  batch_timeout_s: float | None) -> None:
-        if not cpus_per_replica > 0:
-            raise ValueError(f"cpus_per_replica must be > 0, got {cpus_per_replica!r}")
-        if batch_timeout_s is not None and not batch_timeout_s > 0:
-            raise ValueError(f"batch_timeout_s must be None or > 0, got {batch_timeout_s!r}")
         self.batch_timeout_s = batch_timeout_s
         self.owns_ray = not ray.is_initialized()
         if self.owns_ray:
