@@ -13,7 +13,7 @@ import pytest
 from conftest import make_llm, random_prompts
 
 from nanovllm import SamplingParams
-from nanovllm.entrypoints.batch import BatchDone, OrderedWriter, run_batch
+from nanovllm.entrypoints.batch import BatchDone, BatchSummary, OrderedWriter, run_batch
 
 # make_llm's engine, so the runner's output can be compared with one offline generate call.
 ENGINE = dict(device="cpu", kvcache_block_size=16, max_model_len=512, max_num_batched_tokens=1024, num_kvcache_blocks=256)
@@ -139,6 +139,7 @@ def test_failed_run_leaves_no_output(tmp_path: pathlib.Path, batch_input) -> Non
     ("batch_size", 2.5, "batch_size must be an int"),
     ("cpus_per_replica", 0, "cpus_per_replica must be a finite number in (0.0"),
     ("batch_timeout_s", -1, "batch_timeout_s must be a finite number in (0.0"),
+    ("max_restarts", -1, "max_restarts must be >= 0"),
 ])
 def test_bad_run_settings_are_named(tmp_path: pathlib.Path, batch_input, tiny_model: str, setting: str, value: object, words: str) -> None:
     with pytest.raises((TypeError, ValueError), match=re.escape(words)):
@@ -170,11 +171,29 @@ def ray_cluster():
     ray.shutdown()
 
 
-def run_two_replicas(tiny_model: str, path: pathlib.Path, output: pathlib.Path, on_batch_done) -> object:
+def run_two_replicas(tiny_model: str, path: pathlib.Path, output: pathlib.Path, on_batch_done, **options: object) -> BatchSummary:
     return run_batch(
         tiny_model, str(path), str(output), replicas=2, batch_size=10, cpus_per_replica=1.0, batch_timeout_s=120,
-        on_batch_done=on_batch_done, use_tqdm=False, **ENGINE,
+        on_batch_done=on_batch_done, use_tqdm=False, **options, **ENGINE,
     )
+
+
+class KillBoth:
+    """on_batch_done hook: kills the first replica to finish a batch, then the other one when it finishes
+    one. The runner has already handed each its next batch, so each dies holding one (or the one after,
+    if its batch came back before the kill landed)."""
+
+    def __init__(self, ray) -> None:
+        self.ray = ray
+        self.killed: list[str] = []
+        self.after_kills: list[str] = []
+
+    def __call__(self, done: BatchDone) -> None:
+        if len(self.killed) == 2:
+            self.after_kills.append(done.replica)
+        elif done.replica not in self.killed:
+            self.killed.append(done.replica)
+            self.ray.kill(self.ray.get_actor(done.replica))
 
 
 @pytest.fixture(scope="module")
@@ -205,26 +224,24 @@ def test_two_replicas_share_the_rows_and_run_at_once(two_replica_run) -> None:
     assert overlap >= 0.5 * busy, (overlap, busy)
 
 
-def test_killed_replica_has_its_batch_rerun_and_every_row_written_once(ray_cluster, tiny_model: str, batch_input, tmp_path: pathlib.Path) -> None:
+def test_killed_replicas_are_replaced_their_batches_rerun_and_every_row_written_once(ray_cluster, tiny_model: str, batch_input, tmp_path: pathlib.Path) -> None:
     path, expected, bad = batch_input
-    killed: list[str] = []
-    after_kill: list[str] = []
-
-    def kill_first_to_finish(done: BatchDone) -> None:
-        # The runner has already handed this replica its next batch: it dies holding it (or the one after).
-        if not killed:
-            killed.append(done.replica)
-            ray_cluster.kill(ray_cluster.get_actor(done.replica))
-        else:
-            after_kill.append(done.replica)
-
+    kill = KillBoth(ray_cluster)
     start = time.monotonic()
-    summary = run_two_replicas(tiny_model, path, tmp_path / "out.jsonl", kill_first_to_finish)
+    summary = run_two_replicas(tiny_model, path, tmp_path / "out.jsonl", kill)
     check_output(tmp_path / "out.jsonl", expected, bad)
-    assert summary.dead_replicas == killed and summary.rerun_batches == 1
-    # The rest ran on the survivor (the killed one may have returned the batch in hand before the kill landed).
-    assert after_kill and after_kill.count(killed[0]) <= 1
+    assert summary.dead_replicas == kill.killed and summary.rerun_batches == 2
+    # With both originals dead, the rest ran on their replacements (a killed one may have returned one more).
+    assert set(kill.after_kills) - set(kill.killed), kill.after_kills
+    assert all(kill.after_kills.count(name) <= 1 for name in kill.killed)
     assert time.monotonic() - start < 120
+
+
+def test_without_restarts_losing_every_replica_fails_the_run_and_writes_nothing(ray_cluster, tiny_model: str, batch_input, tmp_path: pathlib.Path) -> None:
+    kill = KillBoth(ray_cluster)
+    with pytest.raises(RuntimeError, match="all replicas died .* no restarts are left"):
+        run_two_replicas(tiny_model, batch_input[0], tmp_path / "out.jsonl", kill, max_restarts=0)
+    assert len(kill.killed) == 2 and os.listdir(tmp_path) == []
 
 
 @pytest.mark.cuda

@@ -177,6 +177,7 @@ def run_batch(
     batch_size: int = 256,
     cpus_per_replica: float = 1.0,
     batch_timeout_s: float | None = None,
+    max_restarts: int | None = None,
     on_batch_done: Callable[[BatchDone], None] | None = None,
     use_tqdm: bool = True,
     **engine_kwargs: object,
@@ -185,7 +186,9 @@ def run_batch(
 
     replicas == 1 and no `address`: here, without Ray. Otherwise `replicas` engines on a Ray
     cluster (`address`, or a local one started for this run), each owning tensor_parallel_size
-    GPUs of one node (or `cpus_per_replica` CPUs without GPUs); see `replicas.ReplicaPool`.
+    GPUs of one node (or `cpus_per_replica` CPUs without GPUs); see `replicas.ReplicaPool`. A replica
+    that dies has its batch re-run by another and is replaced, up to `max_restarts` times (default:
+    `replicas`); a batch running longer than `batch_timeout_s` has its replica killed.
     `on_batch_done` sees every finished batch (after the next one was handed to its replica).
     The output appears only when complete: it is written next to its final name, then renamed.
     """
@@ -194,6 +197,8 @@ def run_batch(
     require_number("cpus_per_replica", cpus_per_replica, 0.0, low_open=True)
     if batch_timeout_s is not None:
         require_number("batch_timeout_s", batch_timeout_s, 0.0, low_open=True)
+    max_restarts = replicas if max_restarts is None else max_restarts
+    require_int("max_restarts", max_restarts, 0)
     num_rows = count_lines(input_path)
     batches = read_batches(input_path, batch_size)
     summary = BatchSummary()
@@ -203,7 +208,7 @@ def run_batch(
     try:
         with open(partial_path, "w", encoding="utf-8") as file:
             writer = OrderedWriter(file)
-            with _open_runner(model, engine_kwargs, replicas, address, cpus_per_replica, batch_timeout_s, summary) as run:
+            with _open_runner(model, engine_kwargs, replicas, address, cpus_per_replica, batch_timeout_s, max_restarts, summary) as run:
                 for done in run(batches):
                     for record in done.records:
                         writer.add(record)
@@ -226,7 +231,7 @@ def run_batch(
 
 @contextmanager
 def _open_runner(model: str, engine_kwargs: dict, replicas: int, address: str | None, cpus_per_replica: float,
-                 batch_timeout_s: float | None, summary: BatchSummary) -> Iterator[Callable[[Iterable[list[Row]]], Iterator[BatchDone]]]:
+                 batch_timeout_s: float | None, max_restarts: int, summary: BatchSummary) -> Iterator[Callable[[Iterable[list[Row]]], Iterator[BatchDone]]]:
     """`run(batches) -> Iterator[BatchDone]` over one local engine, or over a Ray replica pool."""
     if replicas == 1 and address is None:
         llm = LLM(model, **engine_kwargs)
@@ -237,7 +242,7 @@ def _open_runner(model: str, engine_kwargs: dict, replicas: int, address: str | 
         return
     from nanovllm.entrypoints.replicas import ReplicaPool
 
-    pool = ReplicaPool(model, engine_kwargs, replicas, address, cpus_per_replica, batch_timeout_s)
+    pool = ReplicaPool(model, engine_kwargs, replicas, address, cpus_per_replica, batch_timeout_s, max_restarts)
     try:
         yield pool.run
     finally:
@@ -272,6 +277,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--batch-size", type=int, default=256, help="rows handed to a replica at a time")
     parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved per replica")
     parser.add_argument("--batch-timeout", type=float, default=None, help="seconds before a replica stuck on one batch is killed and the batch re-run")
+    parser.add_argument("--max-restarts", type=int, default=None, help="replacements for replicas that die (default: --replicas)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_engine_args(parser)
     return parser
@@ -288,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.pop("batch_size"),
         cpus_per_replica=args.pop("cpus_per_replica"),
         batch_timeout_s=args.pop("batch_timeout"),
+        max_restarts=args.pop("max_restarts"),
         use_tqdm=not args.pop("no_progress"),
         **args,
     )

@@ -3,7 +3,8 @@
 Each replica is an engine in an actor on its own placement group: one bundle of
 tensor_parallel_size GPUs (a bundle never spans nodes, and the TP workers are the actor's child
 processes on the GPUs Ray gave it), or CPUs only. Each replica holds one batch at a time and gets
-the next one the moment it returns a result, so fast replicas take more batches.
+the next one the moment it returns a result, so fast replicas take more batches. A replica that
+dies is replaced (up to `max_restarts` times a run); the replacement takes batches once loaded.
 
 Why actors and a queue here rather than Ray Data's map_batches: exactly-once is then one loop's
 property. A batch is handed to one live replica at a time and its result is accepted once; a
@@ -63,7 +64,7 @@ class Replica:
 class _Member:
     name: str
     group: PlacementGroup
-    actor: ray.actor.ActorHandle | None = None
+    actor: ray.actor.ActorHandle
 
 
 class ReplicaPool:
@@ -71,50 +72,59 @@ class ReplicaPool:
     local one started here (and shut down by `close`). Arguments are checked by `batch.run_batch`."""
 
     def __init__(self, model: str, engine_kwargs: dict, replicas: int, address: str | None, cpus_per_replica: float,
-                 batch_timeout_s: float | None) -> None:
+                 batch_timeout_s: float | None, max_restarts: int) -> None:
         self.batch_timeout_s = batch_timeout_s
+        self.restarts_left = max_restarts
         self.owns_ray = not ray.is_initialized()
         if self.owns_ray:
             ray.init(address=address)
+        tp = engine_kwargs.get("tensor_parallel_size", 1)
+        device = engine_kwargs.get("device", "auto")
+        self.gpus = tp if device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0) else 0
+        self.bundle = {"CPU": cpus_per_replica, **({"GPU": self.gpus} if self.gpus else {})}
+        self.actor_args = (model, engine_kwargs, None if self.gpus else max(1, int(cpus_per_replica)))
+        self.run_id = f"nanovllm-batch-{uuid.uuid4().hex[:8]}"
         self.live: list[_Member] = []
+        self.starting: dict[ray.ObjectRef, tuple[_Member, float]] = {}  # replacements loading: ready() -> deadline
         self.dead_replicas: list[str] = []
         self.rerun_batches = 0
+        self.launched = 0
         try:
-            self._start(model, engine_kwargs, replicas, cpus_per_replica)
+            for _ in range(replicas):
+                self.live.append(self._launch())
+            self._wait_started(replicas)
         except BaseException:
             self.close()
             raise
 
-    def _start(self, model: str, engine_kwargs: dict, replicas: int, cpus_per_replica: float) -> None:
-        tp = engine_kwargs.get("tensor_parallel_size", 1)
-        device = engine_kwargs.get("device", "auto")
-        gpus = tp if device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0) else 0
-        bundle = {"CPU": cpus_per_replica, **({"GPU": gpus} if gpus else {})}
-        run_id = uuid.uuid4().hex[:8]
-        for i in range(replicas):
-            name = f"nanovllm-batch-{run_id}-{i}"
-            self.live.append(_Member(name, placement_group([bundle], strategy="STRICT_PACK", name=name)))
+    def _launch(self) -> _Member:
+        """A new replica on a new placement group (the actor waits for the group to be placed)."""
+        name = f"{self.run_id}-{self.launched}"
+        self.launched += 1
+        group = placement_group([self.bundle], strategy="STRICT_PACK", name=name)
+        actor = ray.remote(Replica).options(
+            name=name,
+            num_cpus=self.bundle["CPU"],
+            num_gpus=self.gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
+        ).remote(*self.actor_args)
+        return _Member(name, group, actor)
+
+    def _wait_started(self, replicas: int) -> None:
+        """Fail fast, with the reason, if the first replicas cannot be placed or loaded."""
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         try:
             ray.get([member.group.ready() for member in self.live], timeout=STARTUP_TIMEOUT_S)
         except GetTimeoutError:
             raise RuntimeError(
-                f"the cluster could not place {replicas} replicas of {bundle} within {STARTUP_TIMEOUT_S:.0f} s; "
+                f"the cluster could not place {replicas} replicas of {self.bundle} within {STARTUP_TIMEOUT_S:.0f} s; "
                 f"it has {ray.cluster_resources()}"
             ) from None
-        actor_class = ray.remote(Replica)
-        for member in self.live:
-            member.actor = actor_class.options(
-                name=member.name,
-                num_cpus=cpus_per_replica,
-                num_gpus=gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(member.group, placement_group_bundle_index=0),
-            ).remote(model, engine_kwargs, None if gpus else max(1, int(cpus_per_replica)))
         ray.get([member.actor.ready.remote() for member in self.live], timeout=max(deadline - time.monotonic(), 1.0))
 
     def run(self, batches: Iterable[list[Row]]) -> Iterator[BatchDone]:
         """Every batch's result exactly once, in completion order. Each replica's next batch is sent
-        before its result is yielded. Raises RuntimeError once every replica has died."""
+        before its result is yielded. Raises RuntimeError once every replica is dead and none is loading."""
         source = iter(batches)
         retry: deque[list[Row]] = deque()
         in_flight: dict[ray.ObjectRef, tuple[_Member, list[Row], float]] = {}
@@ -134,11 +144,20 @@ class ReplicaPool:
                 if member.name not in busy:
                     send(member)
             if not in_flight:
-                if retry or not exhausted:
-                    raise RuntimeError(f"all {len(self.dead_replicas)} replicas died ({self.dead_replicas}); the run cannot finish")
-                return
-            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=POLL_S)
+                if not retry and exhausted:
+                    return
+                if not self.starting:
+                    raise RuntimeError(f"all replicas died ({self.dead_replicas}) and no restarts are left; the run cannot finish")
+            done, _ = ray.wait([*in_flight, *self.starting], num_returns=1, timeout=POLL_S)
             for ref in done:
+                if ref in self.starting:
+                    member, _ = self.starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                        self.live.append(member)
+                    except RayActorError:
+                        self._drop(member)
+                    continue
                 member, rows, _ = in_flight.pop(ref)
                 try:
                     records, started, finished = ray.get(ref)
@@ -152,30 +171,39 @@ class ReplicaPool:
             self._kill_overdue(in_flight)
 
     def _kill_overdue(self, in_flight: dict[ray.ObjectRef, tuple[_Member, list[Row], float]]) -> None:
-        """Kill a replica whose batch outran batch_timeout_s; `run` then sees it die and re-runs the batch."""
-        if self.batch_timeout_s is None:
-            return
+        """Kill a replica whose batch outran batch_timeout_s, or a replacement that did not load in
+        STARTUP_TIMEOUT_S; `run` then sees it die (and re-runs its batch)."""
         now = time.monotonic()
-        for member, _, sent in in_flight.values():
-            if now - sent > self.batch_timeout_s:
-                ray.kill(member.actor)
+        overdue = [member for member, deadline in self.starting.values() if now > deadline]
+        if self.batch_timeout_s is not None:
+            overdue += [member for member, _, sent in in_flight.values() if now - sent > self.batch_timeout_s]
+        for member in overdue:
+            ray.kill(member.actor)
 
     def _drop(self, member: _Member) -> None:
-        self.live.remove(member)
+        """Forget a dead replica, free its placement group, and launch a replacement if restarts are left."""
+        if member in self.live:
+            self.live.remove(member)
         self.dead_replicas.append(member.name)
         ray.kill(member.actor)
         remove_placement_group(member.group)
+        if self.restarts_left > 0:
+            self.restarts_left -= 1
+            replacement = self._launch()
+            self.starting[replacement.actor.ready.remote()] = (replacement, time.monotonic() + STARTUP_TIMEOUT_S)
 
     def close(self) -> None:
-        """Shut every live replica's engine down (killing the ones that do not exit in time), free the
-        placement groups, and stop the local cluster if this pool started it. Idempotent."""
+        """Shut every live replica's engine down (killing the ones that do not exit in time, and the ones
+        still loading), free the placement groups, and stop the local cluster if this pool started it.
+        Idempotent."""
         members, self.live = self.live, []
-        exits = [member.actor.exit.remote() for member in members if member.actor is not None]
+        loading = [member for member, _ in self.starting.values()]
+        self.starting.clear()
+        exits = [member.actor.exit.remote() for member in members]
         if exits:
             ray.wait(exits, num_returns=len(exits), timeout=EXIT_TIMEOUT_S)
-        for member in members:
-            if member.actor is not None:
-                ray.kill(member.actor)
+        for member in members + loading:
+            ray.kill(member.actor)
             remove_placement_group(member.group)
         if self.owns_ray:
             self.owns_ray = False
