@@ -94,8 +94,11 @@ def step_logits(llm: LLM, inputs) -> torch.Tensor:
 
 
 def backend_step_logits(path: str, backend: str, dtype: str, graphs: bool = False) -> list[torch.Tensor]:
-    """Logits of a prefill (4 prompts of 300 tokens) then of a mixed step over it (sequences 0 and 1
-    decode one token, 2 and 3 prefill 40 more over their 300 cached tokens), eagerly or replaying graphs."""
+    """Logits of a prefill (4 prompts of 300 tokens), of a mixed step over it (sequences 0 and 1 decode one
+    token, 2 and 3 prefill 40 more over their 300 cached tokens), then of a decode step of all four,
+    eagerly or replaying graphs."""
+    import dataclasses
+
     import numpy as np
 
     from nanovllm.engine.inputs import prefill_inputs
@@ -111,7 +114,13 @@ def backend_step_logits(path: str, backend: str, dtype: str, graphs: bool = Fals
     mixed.cu_seqlens_q = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     mixed.seq_lens = (300 + counts).astype(np.int32)
     mixed.logits_indices = (mixed.cu_seqlens_q[1:] - 1).astype(np.int64)
-    logits = [step_logits(llm, prefill), step_logits(llm, mixed)]
+    lens = mixed.seq_lens + 1
+    decode = dataclasses.replace(
+        mixed, input_ids=np.random.default_rng(2).integers(3, 1900, 4), positions=(lens - 1).astype(np.int64),
+        slot_mapping=(np.arange(4) * 512 + lens - 1).astype(np.int32), cu_seqlens_q=np.arange(5, dtype=np.int32),
+        seq_lens=lens.astype(np.int32), logits_indices=np.arange(4, dtype=np.int64), max_seqlen_k=int(lens.max()), is_decode=True,
+    )
+    logits = [step_logits(llm, prefill), step_logits(llm, mixed), step_logits(llm, decode)]
     llm.exit()
     return logits
 
@@ -119,7 +128,7 @@ def backend_step_logits(path: str, backend: str, dtype: str, graphs: bool = Fals
 @pytest.mark.parametrize("backend,graphs", [("triton", False), ("triton", True), ("flash_attn", False), ("flash_attn", True)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_backend_logits_match_torch_reference(model_hd128, backend, graphs, dtype):
-    """Half precision: each GPU backend's logits, eager and replayed from token graphs, within rounding of
+    """Half precision: each GPU backend's logits, eager and replayed from graphs, within rounding of
     the torch backend's (greedy tokens of random weights flip on near-ties, so logits are compared)."""
     if backend == "flash_attn":
         pytest.importorskip("flash_attn")
@@ -172,43 +181,33 @@ def test_tensor_parallel_two_gpus_matches_tp1(tiny_model, hf, prompts, enforce_e
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"nanovllm-{os.getpid()}-")]
 
 
-@pytest.fixture(scope="module")
-def peaked_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A Qwen3-0.6B-shaped checkpoint written by transformers' own class with a large initializer_range
-    (peaked logits, so bf16 rounding rarely flips an argmax), in bf16, with the checkpoint maker's tokenizer."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from nanovllm import testing
-
-    path = testing.make_checkpoint(tmp_path_factory.mktemp("peaked"), "tiny")
-    config = Qwen3Config(**{**testing.PRESETS["qwen3-0.6b"], "initializer_range": 1.0})
-    torch.manual_seed(0)
-    Qwen3ForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    return str(path)
-
-
-def test_bf16_production_path_matches_hf(peaked_model):
-    """As users run it (bf16, CUDA graphs, overlap, the default policy, prefix hits): greedy tokens equal
-    to HF transformers in fp32 on at least 15 of 16 prompts x 32 tokens."""
+def test_bf16_production_path_agrees_with_hf(tmp_path):
+    """As users run it (bf16, CUDA graphs, overlap, the default policy, prefix hits) on the Qwen3-0.6B shape:
+    HF transformers in fp32, fed our prompt + output, ranks every token we generated first, or within
+    bf16 rounding of first (a tenth of the logits' std). Comparing whole greedy continuations instead
+    fails on random weights: a near-tie flipped by rounding sends the two continuations apart (measured:
+    0 of 16 prompts equal over 32 tokens, first differences at positions 0-19)."""
     from transformers import Qwen3ForCausalLM
 
+    from nanovllm.testing import make_checkpoint
+
+    path = str(make_checkpoint(tmp_path, "qwen3-0.6b"))
     prefix = random_prompts(1, 300, 300, 1900, seed=5)[0]
     prompts = [prefix + p for p in random_prompts(16, 1, 200, 1900, seed=6)]
-    hf_model = Qwen3ForCausalLM.from_pretrained(peaked_model, dtype=torch.float32).cuda().eval()
-    expected = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            out = hf_model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=32, min_new_tokens=32, do_sample=False)
-            expected.append(out[0, len(prompt):].tolist())
-    del hf_model
-    torch.cuda.empty_cache()
-    llm = LLM(peaked_model, max_model_len=1024, gpu_memory_utilization=0.3)
+    llm = LLM(path, max_model_len=1024, gpu_memory_utilization=0.3)
     assert llm.runtime.dtype == torch.bfloat16 and llm.runtime.cuda_graphs and llm.runtime.overlap
     assert llm.config.scheduling_policy == "chunked"
     # The first prompt alone, so that the others find the shared prefix in the cache.
     got = [o["token_ids"] for batch in (prompts[:1], prompts[1:]) for o in llm.generate(batch, GREEDY, use_tqdm=False)]
     assert llm.scheduler.block_manager.num_hit_tokens > 0
     llm.exit()
-    equal = sum(a == b for a, b in zip(got, expected))
-    first_diffs = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(got, expected)]
-    assert equal >= 15, f"{equal} of 16 prompts equal; first differing position per prompt: {first_diffs}"
+    hf_model = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    margins, exact = [], 0
+    with torch.inference_mode():
+        for prompt, tokens in zip(prompts, got):
+            logits = hf_model(torch.tensor([prompt + tokens[:-1]], device="cuda")).logits[0, len(prompt) - 1 :]
+            chosen = logits.gather(1, torch.tensor(tokens, device="cuda")[:, None]).squeeze(1)
+            margins.append(((logits.max(1).values - chosen) / logits.std(1)).max().item())
+            exact += int((logits.argmax(1).cpu() == torch.tensor(tokens)).sum())
+    assert max(margins) <= 0.1, f"worst margin per prompt, in logit stds: {margins}"
+    assert exact >= 0.9 * 16 * 32, f"{exact} of {16 * 32} tokens are HF's argmax"
