@@ -116,8 +116,8 @@ def test_cli_without_ray_equals_generate_and_bad_lines_get_errors(tiny_model: st
     script = (
         "import sys, torch\n"
         "torch.set_num_threads(1)  # as in conftest: the box is shared\n"
-        "from nanovllm.entrypoints.batch import main\n"
-        f"main({[tiny_model, '--input', str(path), '--output', str(output), '--batch-size', '64', *flags]!r})\n"
+        "from nanovllm.entrypoints.cli import main\n"
+        f"main({['batch', tiny_model, '--input', str(path), '--output', str(output), '--batch-size', '64', *flags]!r})\n"
         "assert 'ray' not in sys.modules, 'the local path imported ray'\n"
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -125,6 +125,11 @@ def test_cli_without_ray_equals_generate_and_bad_lines_get_errors(tiny_model: st
     assert f"{len(expected) + len(bad)} rows ({len(bad)} errors)" in done.stderr
     check_output(output, expected, bad)
     assert not os.path.exists(f"{output}.partial")
+
+
+def test_module_entry_point_is_the_batch_subcommand() -> None:
+    done = subprocess.run([sys.executable, "-m", "nanovllm.entrypoints.batch", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "usage: nanovllm batch" in done.stdout and "--replicas" in done.stdout and "--max-model-len" in done.stdout
 
 
 def test_failed_run_leaves_no_output(tmp_path: pathlib.Path, batch_input) -> None:

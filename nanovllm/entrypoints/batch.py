@@ -23,7 +23,7 @@ from typing import IO
 
 from tqdm.auto import tqdm
 
-from nanovllm.config import Config
+from nanovllm.entrypoints.cli import engine_kwargs, main as cli_main
 from nanovllm.llm import LLM
 from nanovllm.outputs import CompletionOutput
 from nanovllm.sampling_params import SamplingParams
@@ -251,59 +251,22 @@ def _open_runner(model: str, engine_kwargs: dict, replicas: int, address: str | 
         summary.dead_replicas = pool.dead_replicas
 
 
-# ---- command line -------------------------------------------------------------------------
+# ---- command line (`nanovllm batch`; the flags are in entrypoints/cli.py) ----------------
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """--kebab-case flags for Config's fields; only the ones given reach the engine."""
-    group = parser.add_argument_group("engine settings (nanovllm.config.Config)")
-    for f in fields(Config):
-        if not f.init or f.name == "model":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if "bool" in str(f.type):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
-        else:
-            group.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS, metavar=f.name.upper())
-
-
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="nanovllm batch", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="a local Hugging Face model folder")
-    parser.add_argument("--input", required=True, help="JSONL file: one {\"prompt\": ..., sampling fields} a line")
-    parser.add_argument("--output", required=True, help="JSONL file written with one result per input line")
-    parser.add_argument("--replicas", type=int, default=1, help="engine replicas (> 1 runs on Ray)")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: a local cluster when replicas > 1)")
-    parser.add_argument("--batch-size", type=int, default=256, help="rows handed to a replica at a time")
-    parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved per replica")
-    parser.add_argument("--batch-timeout", type=float, default=None, help="seconds before a replica stuck on one batch is killed and the batch re-run")
-    parser.add_argument("--max-restarts", type=int, default=None, help="replacements for replicas that die (default: --replicas)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_engine_args(parser)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = vars(build_parser().parse_args(argv))
+def run(args: argparse.Namespace) -> int:
     summary = run_batch(
-        args.pop("model"),
-        args.pop("input"),
-        args.pop("output"),
-        replicas=args.pop("replicas"),
-        address=args.pop("address"),
-        batch_size=args.pop("batch_size"),
-        cpus_per_replica=args.pop("cpus_per_replica"),
-        batch_timeout_s=args.pop("batch_timeout"),
-        max_restarts=args.pop("max_restarts"),
-        use_tqdm=not args.pop("no_progress"),
-        **args,
+        args.model, args.input, args.output, replicas=args.replicas, address=args.address, batch_size=args.batch_size,
+        cpus_per_replica=args.cpus_per_replica, batch_timeout_s=args.batch_timeout, max_restarts=args.max_restarts,
+        use_tqdm=not args.no_progress, **engine_kwargs(args),
     )
     print(
         f"{summary.num_rows} rows ({summary.num_errors} errors), {summary.num_tokens} tokens in {summary.elapsed_s:.1f} s"
         f" ({summary.num_tokens / max(summary.elapsed_s, 1e-9):.0f} tok/s)",
         file=sys.stderr,
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli_main(["batch", *sys.argv[1:]]))

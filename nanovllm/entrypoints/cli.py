@@ -57,7 +57,25 @@ def _serve_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(entry="nanovllm.entrypoints.serve")
 
 
-SUBCOMMANDS = [_serve_parser]
+def _batch_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("batch", help="run a JSONL file of prompts offline (replicas > 1 need the `ray` extra)",
+                                   description="Run every line of --input through MODEL and write one result per line to --output.")
+    parser.add_argument("model", help="local Hugging Face model folder")
+    parser.add_argument("--input", required=True, help='JSONL: one {"prompt": text or token ids, sampling fields...} a line')
+    parser.add_argument("--output", required=True, help="JSONL written with one result (or error) per input line, in order")
+    parser.add_argument("--replicas", type=int, default=1, help="engine replicas; more than 1 (or --address) runs them on Ray (default: 1)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: a local cluster when --replicas > 1)")
+    parser.add_argument("--batch-size", type=int, default=256, help="rows handed to a replica at a time (default: 256)")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved per replica (default: 1)")
+    parser.add_argument("--batch-timeout", type=float, default=None,
+                        help="seconds after which a replica stuck on one batch is killed and the batch re-run (default: none)")
+    parser.add_argument("--max-restarts", type=int, default=None, help="replacements for replicas that die (default: --replicas)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_engine_args(parser)
+    parser.set_defaults(entry="nanovllm.entrypoints.batch")
+
+
+SUBCOMMANDS = [_serve_parser, _batch_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
