@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -125,6 +126,19 @@ def test_cli_without_ray_equals_generate_and_bad_lines_get_errors(tiny_model: st
     assert f"{len(expected) + len(bad)} rows ({len(bad)} errors)" in done.stderr
     check_output(output, expected, bad)
     assert not os.path.exists(f"{output}.partial")
+
+
+def test_rows_without_sampling_fields_take_the_checkpoints_defaults(tiny_model: str, vocab_ids: int, tmp_path: pathlib.Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    generation_config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**generation_config, "temperature": 0.0}))
+    prompts = random_prompts(6, 3, 12, vocab_ids, seed=5)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": p, "max_tokens": 6, "ignore_eos": True}) + "\n" for p in prompts))
+    run_batch(str(model), str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), use_tqdm=False, **ENGINE)
+    greedy = reference(str(model), [{"prompt": p, "max_tokens": 6, "ignore_eos": True, "temperature": 0} for p in prompts])
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [record["token_ids"] for record in records] == [output.outputs[0].token_ids for output in greedy]
 
 
 def test_module_entry_point_is_the_batch_subcommand() -> None:

@@ -27,6 +27,7 @@ from nanovllm.entrypoints.cli import engine_kwargs, main as cli_main
 from nanovllm.llm import LLM
 from nanovllm.outputs import CompletionOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.generation_config import sampling_defaults
 from nanovllm.utils.validation import require_int, require_number
 
 SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams) if f.init)
@@ -34,11 +35,11 @@ SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams) if f.init)
 
 @dataclass
 class Row:
-    """One input line: its prompt and sampling settings, or why it has none."""
+    """One input line: its prompt and sampling fields (names checked, values not yet), or why it has none."""
 
     row: int
-    prompt: str | list[int] | None = None
-    params: SamplingParams | None = None
+    prompt: object = None
+    sampling: dict = field(default_factory=dict)
     error: str | None = None
 
 
@@ -70,7 +71,8 @@ class BatchSummary:
 
 
 def parse_line(row: int, line: bytes) -> Row:
-    """Decode one input line into a Row; anything wrong with it becomes the Row's error."""
+    """Decode one input line into a Row; anything wrong with its shape becomes the Row's error (its
+    values are checked where the engine is: `run_rows`)."""
     if not line.strip():
         return Row(row, error="the line is empty")
     try:
@@ -86,11 +88,8 @@ def parse_line(row: int, line: bytes) -> Row:
         return Row(row, error=f"unknown field(s) {unknown}; valid fields are {['prompt', *SAMPLING_FIELDS]}")
     if isinstance(obj.get("logit_bias"), dict):  # JSON object keys are strings; token ids are ints
         obj["logit_bias"] = {int(key) if key.lstrip("-").isdigit() else key: bias for key, bias in obj["logit_bias"].items()}
-    try:
-        params = SamplingParams(**{key: value for key, value in obj.items() if key != "prompt"})
-    except (TypeError, ValueError) as exc:
-        return Row(row, error=str(exc))
-    return Row(row, obj["prompt"], params)
+    prompt = obj.pop("prompt")
+    return Row(row, prompt, obj)
 
 
 def read_batches(path: str, batch_size: int) -> Iterator[list[Row]]:
@@ -102,9 +101,11 @@ def read_batches(path: str, batch_size: int) -> Iterator[list[Row]]:
 
 
 def run_rows(llm: LLM, rows: list[Row]) -> list[dict]:
-    """Output records for `rows`, in their order: each row is checked by the engine on its own, so a
-    prompt it rejects (too long, a token id outside the vocabulary) costs only that row; the valid
-    ones are generated together."""
+    """Output records for `rows`, in their order. A row's sampling fields override the checkpoint's
+    generation_config.json defaults, as for `generate` without sampling_params. Each row is checked
+    on its own, so a bad value or a prompt the engine rejects (too long, a token id outside the
+    vocabulary) costs only that row; the valid ones are generated together."""
+    defaults = sampling_defaults(llm.config.model)
     errors: dict[int, str] = {}
     valid: list[tuple[Row, list[int], SamplingParams]] = []
     for row in rows:
@@ -112,7 +113,7 @@ def run_rows(llm: LLM, rows: list[Row]) -> list[dict]:
             errors[row.row] = row.error
             continue
         try:
-            checked = llm._validate([row.prompt], row.params)
+            checked = llm._validate([row.prompt], SamplingParams(**{**defaults, **row.sampling}))
         except (TypeError, ValueError) as exc:
             errors[row.row] = str(exc)
             continue
