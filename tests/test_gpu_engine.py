@@ -181,12 +181,25 @@ def test_tensor_parallel_two_gpus_matches_tp1(tiny_model, hf, prompts, enforce_e
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"nanovllm-{os.getpid()}-")]
 
 
+def worst_margins(hf_model, prompts: list[list[int]], outputs: list[list[int]]) -> list[float]:
+    """Teacher forcing: per prompt, how far below HF fp32's top logit (in logit stds) the worst token of
+    `outputs` ranks, given the prompt and the output before it."""
+    margins = []
+    with torch.inference_mode():
+        for prompt, tokens in zip(prompts, outputs):
+            logits = hf_model(torch.tensor([prompt + tokens[:-1]], device="cuda")).logits[0, len(prompt) - 1 :]
+            chosen = logits.gather(1, torch.tensor(tokens, device="cuda")[:, None]).squeeze(1)
+            margins.append(((logits.max(1).values - chosen) / logits.std(1)).max().item())
+    return margins
+
+
 def test_bf16_production_path_agrees_with_hf(tmp_path):
-    """As users run it (bf16, CUDA graphs, overlap, the default policy, prefix hits) on the Qwen3-0.6B shape:
-    HF transformers in fp32, fed our prompt + output, ranks every token we generated first, or within
-    bf16 rounding of first (a tenth of the logits' std). Comparing whole greedy continuations instead
-    fails on random weights: a near-tie flipped by rounding sends the two continuations apart (measured:
-    0 of 16 prompts equal over 32 tokens, first differences at positions 0-19)."""
+    """As users run it (bf16, CUDA graphs, overlap, the default policy, prefix hits) on the Qwen3-0.6B shape,
+    judged by HF transformers in fp32 through teacher forcing, against the same judgement of HF's own bf16
+    greedy outputs: the engine's worst token may rank no further below HF fp32's top than HF bf16's worst
+    (plus one logit std). Whole continuations cannot be compared: on these random weights bf16 rounding
+    flips near-ties, and even HF bf16 parts from HF fp32 within a few tokens (measured on CPU: worst
+    margins of 5.4-11.1 logit stds over 32 tokens)."""
     from transformers import Qwen3ForCausalLM
 
     from nanovllm.testing import make_checkpoint
@@ -201,13 +214,11 @@ def test_bf16_production_path_agrees_with_hf(tmp_path):
     got = [o["token_ids"] for batch in (prompts[:1], prompts[1:]) for o in llm.generate(batch, GREEDY, use_tqdm=False)]
     assert llm.scheduler.block_manager.num_hit_tokens > 0
     llm.exit()
-    hf_model = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
-    margins, exact = [], 0
+    hf_bf16 = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     with torch.inference_mode():
-        for prompt, tokens in zip(prompts, got):
-            logits = hf_model(torch.tensor([prompt + tokens[:-1]], device="cuda")).logits[0, len(prompt) - 1 :]
-            chosen = logits.gather(1, torch.tensor(tokens, device="cuda")[:, None]).squeeze(1)
-            margins.append(((logits.max(1).values - chosen) / logits.std(1)).max().item())
-            exact += int((logits.argmax(1).cpu() == torch.tensor(tokens)).sum())
-    assert max(margins) <= 0.1, f"worst margin per prompt, in logit stds: {margins}"
-    assert exact >= 0.9 * 16 * 32, f"{exact} of {16 * 32} tokens are HF's argmax"
+        baseline = [hf_bf16.generate(torch.tensor([p], device="cuda"), max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, len(p):].tolist()
+                    for p in prompts]
+    del hf_bf16
+    hf_fp32 = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    ours, theirs = worst_margins(hf_fp32, prompts, got), worst_margins(hf_fp32, prompts, baseline)
+    assert max(ours) <= max(theirs) + 1.0, f"worst margins in logit stds, engine: {ours}; HF bf16: {theirs}"
