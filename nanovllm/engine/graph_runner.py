@@ -38,14 +38,13 @@ def decode_sizes(max_num_seqs: int) -> list[int]:
 
 
 def token_sizes(max_tokens: int) -> list[int]:
-    """Token budgets of the mixed graphs: powers of two up to 256, then steps of a quarter of the
-    enclosing power of two (so padding wastes at most a fifth of a step), up to max_tokens."""
-    sizes = [t for t in (16, 32, 64, 128, 256) if t < max_tokens]
-    size = 256
+    """Token budgets of the mixed graphs: powers of two from 16 to 256, then steps of a quarter of the
+    enclosing power of two (so padding wastes at most a fifth of a step), and max_tokens itself."""
+    sizes, size = [], 16
     while size < max_tokens:
-        size += max(64, 1 << (size.bit_length() - 3))
-        sizes.append(min(size, max_tokens))
-    return sizes or [max_tokens]
+        sizes.append(size)
+        size = 2 * size if size < 256 else size + max(64, 1 << (size.bit_length() - 3))
+    return sizes + [max_tokens]
 
 
 @dataclass(frozen=True)
@@ -136,11 +135,16 @@ class GraphRunner:
             torch.cuda.synchronize()
 
     def replay(self, shape: GraphShape, inputs: StepInputs, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Copy one step's inputs into the static buffers, padded to the graph's shape, and replay it.
+        """Load one step into the static buffers and replay its graph; returns the hidden states [N, hidden_size]
+        (a view of the static output buffer). input_ids, positions: the step's device tensors [N] (pending
+        ids already filled in)."""
+        self.load(shape, inputs, input_ids, positions)
+        self.graphs[shape].replay()
+        return self.hidden[: inputs.num_tokens]
 
-        input_ids, positions: the step's device tensors [N] (pending ids already filled in).
-        Returns the hidden states [N, hidden_size] (a view of the static output buffer).
-        """
+    def load(self, shape: GraphShape, inputs: StepInputs, input_ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """Copy one step's inputs into the static buffers, padded to `shape`: padding tokens get slot -1,
+        padding sequences no query tokens (cu_seqlens_q repeats its last value) and no KV (seq_len 0)."""
         n, b, t, s = inputs.num_tokens, inputs.num_seqs, shape.num_tokens, shape.num_seqs
         self.input_ids[:n] = input_ids
         self.positions[:n] = positions
@@ -148,8 +152,6 @@ class GraphRunner:
         self.cu_seqlens_q[: s + 1] = to_device(np.pad(inputs.cu_seqlens_q, (0, s - b), mode="edge"), self.device)
         self.seq_lens[:s] = to_device(np.pad(inputs.seq_lens, (0, s - b)), self.device)
         self.block_tables[:b, : inputs.block_tables.shape[1]] = to_device(inputs.block_tables, self.device)
-        self.graphs[shape].replay()
-        return self.hidden[:n]
 
     def close(self) -> None:
         """Drop every graph (a graph that captured NCCL collectives holds a reference on the communicator)."""
