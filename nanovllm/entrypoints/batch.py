@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from itertools import islice
 from typing import IO
 
@@ -27,7 +27,6 @@ from nanovllm.entrypoints.cli import engine_kwargs, main as cli_main
 from nanovllm.llm import LLM
 from nanovllm.outputs import CompletionOutput
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.generation_config import sampling_defaults
 from nanovllm.utils.validation import require_int, require_number
 
 SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams) if f.init)
@@ -105,7 +104,6 @@ def run_rows(llm: LLM, rows: list[Row]) -> list[dict]:
     generation_config.json defaults, as for `generate` without sampling_params. Each row is checked
     on its own, so a bad value or a prompt the engine rejects (too long, a token id outside the
     vocabulary) costs only that row; the valid ones are generated together."""
-    defaults = sampling_defaults(llm.config.model)
     errors: dict[int, str] = {}
     valid: list[tuple[Row, list[int], SamplingParams]] = []
     for row in rows:
@@ -113,7 +111,7 @@ def run_rows(llm: LLM, rows: list[Row]) -> list[dict]:
             errors[row.row] = row.error
             continue
         try:
-            checked = llm._validate([row.prompt], SamplingParams(**{**defaults, **row.sampling}))
+            checked = llm._validate([row.prompt], replace(llm.default_sampling_params, **row.sampling))
         except (TypeError, ValueError) as exc:
             errors[row.row] = str(exc)
             continue
