@@ -1,21 +1,19 @@
 """OpenAI request bodies (plus vLLM's extra sampling fields) and their translation to SamplingParams.
 
 Unknown fields are ignored, as OpenAI's clients send some this engine has no use for; a field that
-asks for behaviour the engine lacks (echo, suffix, penalties SamplingParams has no field for) is
-refused with a 400 rather than silently ignored.
+asks for behaviour the engine lacks (echo, suffix) is refused with a 400 rather than silently ignored.
 """
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from nanovllm.sampling_params import SamplingParams
 
-# Fields SamplingParams may gain (the api work adds penalties): forwarded when it has them, refused otherwise.
 MAX_N = 64
-OPTIONAL_SAMPLING_FIELDS = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": None}
+# vLLM's penalty fields: a null (or absent) one keeps SamplingParams' neutral default.
+PENALTY_FIELDS = ("repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 class ApiError(Exception):
@@ -73,15 +71,8 @@ class SamplingRequest(BaseModel):
 
     def sampling_params(self, default_max_tokens: int, choice: int) -> SamplingParams:
         """SamplingParams of choice number `choice` (of `n`): each choice gets its own seed (seed + choice)."""
-        supported = {f.name for f in fields(SamplingParams)}
-        extra = {}
-        for name, neutral in OPTIONAL_SAMPLING_FIELDS.items():
-            value = getattr(self, name)
-            if value is None or value == neutral or (name == "logit_bias" and not value):
-                continue
-            if name not in supported:
-                raise ApiError(400, f"{name} is not supported by this engine (got {value!r})", name)
-            extra[name] = {int(k): v for k, v in value.items()} if name == "logit_bias" else value
+        penalties = {name: getattr(self, name) for name in PENALTY_FIELDS if getattr(self, name) is not None}
+        logit_bias = {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
         try:
             return SamplingParams(
                 temperature=self.temperature,
@@ -95,7 +86,8 @@ class SamplingRequest(BaseModel):
                 stop_token_ids=self.stop_token_ids or [],
                 stop=[] if self.stop is None else self.stop,
                 logprobs=self._logprobs(),
-                **extra,
+                logit_bias=logit_bias,
+                **penalties,
             )
         except (ValueError, TypeError) as error:
             raise ApiError(400, str(error)) from error
