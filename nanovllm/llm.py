@@ -5,7 +5,8 @@ from collections.abc import Mapping, Sequence
 
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.outputs import RequestOutput
-from nanovllm.sampling_params import SamplingParams, check_text
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.validation import require_text
 
 Conversation = Sequence[Mapping[str, object]]
 
@@ -46,7 +47,7 @@ class LLM(LLMEngine):
             for conversation in conversations
         ]
         for text in texts:
-            check_text("a chat message", text)
+            require_text("a chat message", text)
         prompts = [self.tokenizer.encode(text, add_special_tokens=False) for text in texts]
         outputs = self.generate(prompts, sampling_params, use_tqdm)
         for output, text in zip(outputs, texts):

@@ -5,7 +5,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 
-from nanovllm.utils.validation import require_bool, require_int, require_number
+from nanovllm.utils.validation import require_bool, require_int, require_number, require_text
 
 # Temperatures below this are treated as greedy (dividing logits by them would overflow).
 GREEDY_TEMPERATURE = 1e-5
@@ -13,16 +13,6 @@ MAX_SEED = 2**63 - 1
 # vLLM's limits: penalties in [-2, 2], a logit bias in [-100, 100].
 MAX_PENALTY = 2.0
 MAX_LOGIT_BIAS = 100.0
-
-
-def check_text(name: str, text: str) -> None:
-    """Reject text that cannot be encoded as UTF-8 (a lone surrogate such as '\\ud800')."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(
-            f"{name} contains a lone surrogate {text[exc.start]!r} at index {exc.start}, which is not valid Unicode text"
-        ) from None
 
 
 @dataclass(frozen=True)
@@ -91,7 +81,7 @@ class SamplingParams:
                 raise TypeError(f"stop entries must be strings, got {text!r}")
             if not text:
                 raise ValueError(f"stop entries must be non-empty strings, got {stop!r}")
-            check_text("a stop string", text)
+            require_text("a stop string", text)
         object.__setattr__(self, "stop", tuple(stop))
         if not isinstance(self.stop_token_ids, (list, tuple)):
             raise TypeError(f"stop_token_ids must be a list of ints, got {self.stop_token_ids!r}")

@@ -12,7 +12,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.sequence import Sequence
 from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput, StreamChunk
-from nanovllm.sampling_params import SamplingParams, check_text
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.validation import require_text
 
 Prompt = str | list[int]
 
@@ -40,7 +41,7 @@ def tokenize(tokenizer: PreTrainedTokenizerBase | None, prompt: object, vocab_si
             raise ValueError("prompt is an empty string")
         if tokenizer is None:
             raise ValueError("this LLM was created with skip_tokenizer_init=True: prompts must be token-id lists, got a str")
-        check_text("prompt", prompt)
+        require_text("prompt", prompt)
         return tokenizer.encode(prompt)
     if not isinstance(prompt, (list, tuple)):
         raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")

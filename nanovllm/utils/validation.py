@@ -1,4 +1,4 @@
-"""Argument checks shared by Config and SamplingParams: each error names the argument, the value and the limit."""
+"""Argument checks shared by Config, SamplingParams and the prompts: each error names the argument, the value and the limit."""
 from __future__ import annotations
 
 import math
@@ -37,3 +37,13 @@ def require_bool(name: str, value: object) -> None:
 def require_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def require_text(name: str, text: str) -> None:
+    """Reject text that cannot be encoded as UTF-8 (a lone surrogate such as '\\ud800')."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{name} contains a lone surrogate {text[exc.start]!r} at index {exc.start}, which is not valid Unicode text"
+        ) from None
