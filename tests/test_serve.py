@@ -185,6 +185,7 @@ BAD_REQUESTS = {
     "token id outside vocabulary": ("/v1/completions", {"prompt": [10**6]}, 400, "vocabulary"),
     "missing prompt": ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
     "messages not a list": ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+    "logit_bias key not a token id": ("/v1/completions", {"prompt": "hi", "logit_bias": {"abc": 1.0}}, 400, "logit_bias"),
     "unsupported echo": ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
     "body too large": ("/v1/completions", {"prompt": "a" * (MAX_BODY_BYTES + 1)}, 413, str(MAX_BODY_BYTES)),
     "unknown route": ("/v1/engines", {}, 404, "Not Found"),

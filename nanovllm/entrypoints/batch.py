@@ -27,7 +27,7 @@ from nanovllm.entrypoints.cli import engine_kwargs, main as cli_main
 from nanovllm.llm import LLM
 from nanovllm.outputs import CompletionOutput
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.validation import require_int, require_number
+from nanovllm.utils.validation import require_int, require_number, token_id_keys
 
 SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams) if f.init)
 
@@ -85,8 +85,8 @@ def parse_line(row: int, line: bytes) -> Row:
     unknown = sorted(set(obj) - {"prompt", *SAMPLING_FIELDS})
     if unknown:
         return Row(row, error=f"unknown field(s) {unknown}; valid fields are {['prompt', *SAMPLING_FIELDS]}")
-    if isinstance(obj.get("logit_bias"), dict):  # JSON object keys are strings; token ids are ints
-        obj["logit_bias"] = {int(key) if key.lstrip("-").isdigit() else key: bias for key, bias in obj["logit_bias"].items()}
+    if isinstance(obj.get("logit_bias"), dict):
+        obj["logit_bias"] = token_id_keys(obj["logit_bias"])
     prompt = obj.pop("prompt")
     return Row(row, prompt, obj)
 

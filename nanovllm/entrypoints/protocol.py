@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.validation import token_id_keys
 
 MAX_N = 64
 # vLLM's penalty fields: a null (or absent) one keeps SamplingParams' neutral default.
@@ -72,7 +73,7 @@ class SamplingRequest(BaseModel):
     def sampling_params(self, default_max_tokens: int, choice: int) -> SamplingParams:
         """SamplingParams of choice number `choice` (of `n`): each choice gets its own seed (seed + choice)."""
         penalties = {name: getattr(self, name) for name in PENALTY_FIELDS if getattr(self, name) is not None}
-        logit_bias = {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
+        logit_bias = token_id_keys(self.logit_bias) if self.logit_bias else None
         try:
             return SamplingParams(
                 temperature=self.temperature,

@@ -47,3 +47,9 @@ def require_text(name: str, text: str) -> None:
         raise ValueError(
             f"{name} contains a lone surrogate {text[exc.start]!r} at index {exc.start}, which is not valid Unicode text"
         ) from None
+
+
+def token_id_keys(mapping: dict) -> dict:
+    """A JSON object keyed by token ids (`logit_bias`): JSON keys are strings, so digit strings become ints;
+    any other key is kept, for SamplingParams to refuse with its own clear error."""
+    return {int(key) if isinstance(key, str) and key.lstrip("-").isdigit() else key: value for key, value in mapping.items()}
