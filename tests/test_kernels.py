@@ -153,14 +153,9 @@ VARLEN_CASES = [
 ]
 
 
-# paged_attention_mixed has varlen's contract (decodes go to the decode kernel): both run every varlen case.
-VARLEN_ENTRY_POINTS = ["paged_attention_varlen", "paged_attention_mixed"]
-
-
 @pytest.mark.cuda
-@pytest.mark.parametrize("entry_point", VARLEN_ENTRY_POINTS)
 @pytest.mark.parametrize("dtype,block_size,head_dim,group", VARLEN_CASES)
-def test_paged_attention_varlen_mixed(entry_point: str, dtype: torch.dtype, block_size: int, head_dim: int, group: int) -> None:
+def test_paged_attention_varlen_mixed(dtype: torch.dtype, block_size: int, head_dim: int, group: int) -> None:
     torch.manual_seed(block_size * head_dim + group)
     num_kv_heads = 2
     num_q_heads = num_kv_heads * group
@@ -177,28 +172,26 @@ def test_paged_attention_varlen_mixed(entry_point: str, dtype: torch.dtype, bloc
         (0, 1),
         (5, 200),
     ]
-    _check_varlen(entry_point, batch, dtype, block_size, head_dim, num_kv_heads, num_q_heads, padding=3)
+    _check_varlen(batch, dtype, block_size, head_dim, num_kv_heads, num_q_heads, padding=3)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("entry_point", VARLEN_ENTRY_POINTS)
-def test_paged_attention_varlen_many_sequences(entry_point: str) -> None:
+def test_paged_attention_varlen_many_sequences() -> None:
     """More sequences than one vector load of the kernel's sequence lookup covers."""
     torch.manual_seed(300)
     q_lens = torch.randint(0, 5, (300,)).tolist()
     q_lens[-1] = 70
     contexts = torch.randint(0, 40, (300,)).tolist()
-    _check_varlen(entry_point, list(zip(contexts, q_lens)), torch.float16, 16, 64, num_kv_heads=2, num_q_heads=4, padding=0)
+    _check_varlen(list(zip(contexts, q_lens)), torch.float16, 16, 64, num_kv_heads=2, num_q_heads=4, padding=0)
 
 
 def _check_varlen(
-    entry_point: str, batch: list[tuple[int, int]], dtype: torch.dtype, block_size: int, head_dim: int, num_kv_heads: int, num_q_heads: int, padding: int
+    batch: list[tuple[int, int]], dtype: torch.dtype, block_size: int, head_dim: int, num_kv_heads: int, num_q_heads: int, padding: int
 ) -> None:
-    """Run `entry_point` of nanovllm.kernels.paged_attention on `batch` ((cached context, new tokens) per
-    sequence) with `padding` extra query rows after the last token, and compare with the reference; padding
-    rows stay untouched."""
+    """Run paged_attention_varlen on `batch` ((cached context, new tokens) per sequence) with `padding`
+    extra query rows after the last token, and compare with the reference; padding rows stay untouched."""
     device = _device(dtype)
-    from nanovllm.kernels import paged_attention
+    from nanovllm.kernels.paged_attention import paged_attention_varlen
 
     seq_lens = [c + n for c, n in batch]
     cu = [0]
@@ -210,7 +203,7 @@ def _check_varlen(
     out = torch.full((num_tokens, num_q_heads, head_dim), float("nan"), dtype=dtype, device=device)
     scale = head_dim**-0.5
 
-    getattr(paged_attention, entry_point)(
+    paged_attention_varlen(
         q,
         k_cache,
         v_cache,

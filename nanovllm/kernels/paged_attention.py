@@ -4,9 +4,10 @@ Two entry points share one cache layout, ``[num_blocks, block_size, num_kv_heads
 per layer, addressed through an int32 block table ``[batch, max_blocks_per_seq]``:
 
 * :func:`paged_attention_varlen` -- any mix of prefill, prefill over a cached prefix,
-  chunked prefill and decode. One program handles a tile of query tokens of one sequence
-  times all the query heads that share one KV head (GQA packing), and runs an online
-  softmax over KV tiles read through the block table.
+  chunked prefill and decode. One program of the varlen kernel handles a tile of query tokens
+  of one sequence times all the query heads that share one KV head (GQA packing), and runs an
+  online softmax over KV tiles read through the block table; single-token sequences go to the
+  decode kernel in its mixed mode.
 * :func:`paged_attention_decode` -- one query token per sequence. Split-KV
   (flash-decoding): each program reads one slice of one sequence's KV for one KV head
   with every query head of that group packed into the rows of a ``tl.dot``, so each KV
@@ -85,7 +86,6 @@ def _varlen_kernel(
     PAGE: tl.constexpr,
     SEARCH_BLOCK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    SKIP_SINGLE: tl.constexpr,
 ):
     """Causal attention for one tile of BLOCK_Q query tokens x GROUP heads of one KV head.
 
@@ -95,7 +95,7 @@ def _varlen_kernel(
     exit at once. A program finds its sequence by counting the first slots <= its own,
     SEARCH_BLOCK sequences per vector load. Row r of the tile is query token
     r // GROUP_PAD, head kv_head * GROUP + r % GROUP_PAD (rows with r % GROUP_PAD >= GROUP
-    are padding). With SKIP_SINGLE, sequences of one query token are left to the decode kernel.
+    are padding). Sequences of one query token are left to the decode kernel.
     q: [num_tokens, num_q_heads, HEAD_DIM]; out: same; caches:
     [num_blocks, PAGE, num_kv_heads, HEAD_DIM]; cu_seqlens_q: int32 [num_seqs + 1];
     seq_lens: int32 [num_seqs]; block_tables: int32 [num_seqs, bt_stride-strided].
@@ -114,9 +114,8 @@ def _varlen_kernel(
 
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
-    if SKIP_SINGLE:
-        if q_len == 1:
-            return
+    if q_len == 1:
+        return
     num_q_tiles = tl.cdiv(q_len, BLOCK_Q)
     slot_in_seq = tile_slot - (q_start // BLOCK_Q + seq)
     if slot_in_seq >= num_q_tiles:
@@ -402,7 +401,6 @@ def _launch_varlen(
     num_warps: int,
     num_stages: int,
     maxnreg: int | None,
-    skip_single: bool = False,
 ) -> None:
     """Launch the varlen kernel with an explicit tile configuration (block_m >= GQA group, pow2;
     maxnreg caps registers per thread, None leaves it to the compiler)."""
@@ -440,7 +438,6 @@ def _launch_varlen(
         PAGE=block_size,
         SEARCH_BLOCK=256,
         DOT_PRECISION=_dot_precision(q.dtype),
-        SKIP_SINGLE=skip_single,
         num_warps=num_warps,
         num_stages=num_stages,
         maxnreg=maxnreg,
@@ -481,9 +478,8 @@ def _run_varlen(
     block_tables: torch.Tensor,
     max_seqlen_q: int,
     scale: float,
-    skip_single: bool,
 ) -> None:
-    """The varlen kernel with its tile chosen from static facts (dtype, head_dim, GQA group, max_seqlen_q)."""
+    """The varlen kernel (sequences of two or more query tokens) with its tile chosen from static facts (dtype, head_dim, GQA group, max_seqlen_q)."""
     group_pad = triton.next_power_of_2(q.shape[1] // k_cache.shape[2])
     if q.dtype == torch.float32:
         max_block_m, block_n = 32, 16
@@ -498,8 +494,7 @@ def _run_varlen(
     # H100: 254 vs 196 TFLOP/s for 256 causal prefills of 560 tokens, head_dim 128).
     maxnreg = 128 if block_m == 128 and block_n == 64 else None
     _launch_varlen(
-        q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, scale, block_m, block_n, num_warps, 2, maxnreg,
-        skip_single,
+        q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, scale, block_m, block_n, num_warps, 2, maxnreg
     )
 
 
@@ -518,7 +513,11 @@ def paged_attention_varlen(
 
     The K/V of the new tokens must already be in the cache. Query token j of sequence b
     sits at position seq_lens[b] - q_len_b + j and attends to KV positions 0..that position.
-    No host synchronisation happens.
+    Sequences with one query token (decodes) go to the decode kernel, one program per (sequence,
+    KV head) reading the whole KV once; the rest go to the varlen kernel, whose tiles of up to 64
+    query tokens would waste most of their rows on a single token. Which sequence is which kind is
+    decided on the device: no host synchronisation, and CUDA-graph capturable for a fixed q shape,
+    batch and max_seqlen_q. Padding sequences (query length 0) are skipped by both kernels.
 
     Args:
         q: [num_tokens, num_q_heads, head_dim] fp16/bf16/fp32, any strides with a
@@ -529,40 +528,15 @@ def paged_attention_varlen(
         cu_seqlens_q: int32 [batch + 1], prefix sums of the query lengths.
         seq_lens: int32 [batch], KV length of each sequence including the new tokens.
         block_tables: int32 [batch, max_blocks_per_seq], -1 padded.
-        max_seqlen_q: largest query length in the batch (host int, used for tiling only).
+        max_seqlen_q: an upper bound of the query lengths (host int, used for tiling only).
         scale: softmax scale, usually head_dim ** -0.5.
-    """
-    _check_varlen_args(q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q)
-    if seq_lens.shape[0] == 0 or q.shape[0] == 0:
-        return
-    _run_varlen(q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q, scale, False)
-
-
-def paged_attention_mixed(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    out: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    seq_lens: torch.Tensor,
-    block_tables: torch.Tensor,
-    max_seqlen_q: int,
-    scale: float,
-) -> None:
-    """`paged_attention_varlen`'s contract, split by query length: sequences with one query token
-    (decodes) go to the decode kernel, one program per (sequence, KV head) reading the whole KV
-    once, and the rest to the varlen kernel, whose tiles of up to 64 query tokens would waste most
-    of their rows on a single token.
-
-    CUDA-graph capturable for a fixed q shape, batch and max_seqlen_q: which sequence is which kind
-    is decided on the device. Padding sequences (query length 0) are skipped by both kernels.
     """
     _check_varlen_args(q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q)
     if seq_lens.shape[0] == 0 or q.shape[0] == 0:
         return
     block_n, num_warps = _decode_tile(q)
     _launch_decode(q, k_cache, v_cache, out, seq_lens, block_tables, scale, 1, block_n, num_warps, 2, cu_seqlens_q)
-    _run_varlen(q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q, scale, True)
+    _run_varlen(q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q, scale)
 
 
 def _launch_decode(

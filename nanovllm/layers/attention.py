@@ -110,8 +110,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
 
 
 class TritonBackend(AttentionBackend):
-    """Our Triton kernels: KV store, split-KV decode, and for other steps the mixed entry point
-    (decode rows to the decode kernel, longer queries to the varlen kernel)."""
+    """Our Triton kernels: KV store, split-KV decode, and for other steps varlen attention (its
+    decode rows to the decode kernel, longer queries to the varlen kernel)."""
 
     name = "triton"
 
@@ -120,7 +120,7 @@ class TritonBackend(AttentionBackend):
         from nanovllm.kernels import kv_store, paged_attention
 
         self._store = kv_store.store_kvcache
-        self._mixed = paged_attention.paged_attention_mixed
+        self._varlen = paged_attention.paged_attention_varlen
         self._decode = paged_attention.paged_attention_decode
 
     def store_kvcache(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -132,7 +132,7 @@ class TritonBackend(AttentionBackend):
         if ctx.is_decode:
             self._decode(q, k_cache, v_cache, out, ctx.seq_lens, ctx.block_tables, scale)
         else:
-            self._mixed(q, k_cache, v_cache, out, ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_tables, ctx.max_seqlen_q, scale)
+            self._varlen(q, k_cache, v_cache, out, ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_tables, ctx.max_seqlen_q, scale)
         return out
 
 
