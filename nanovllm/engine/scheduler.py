@@ -114,16 +114,23 @@ class Scheduler:
                 i += 1  # its pending token ends it; nothing more to compute
                 continue
             num_new = min(seq.num_uncomputed_tokens, budget)
-            while not bm.can_append(seq, num_new) and self.running[-1] is not seq:
-                self._preempt(self.running.pop())
-            if not bm.can_append(seq, num_new):
-                self._preempt(self.running.pop())
+            if not self._make_room(seq, num_new):
                 break
             bm.may_append(seq, num_new)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
             i += 1
+
+    def _make_room(self, seq: Sequence, num_new: int) -> bool:
+        """Preempt running sequences from the most recently admitted until `seq` can append `num_new`
+        tokens; False when `seq` itself had to go."""
+        while not self.block_manager.can_append(seq, num_new):
+            victim = self.running.pop()
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.deallocate(seq)
