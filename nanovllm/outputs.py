@@ -47,6 +47,9 @@ class RequestOutput:
 
     prompt is None for token-id prompts. num_cached_tokens: prompt tokens whose KV came from
     the prefix cache, summed over the n completions (sibling completions hit the first one's blocks).
+    prompt_logprobs (when SamplingParams.prompt_logprobs was set): one entry per prompt token, None
+    for the first, else {token id: Logprob} for that token and the top `prompt_logprobs` tokens at
+    its position.
     """
 
     request_id: str
@@ -55,6 +58,7 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     def __getitem__(self, key: str) -> object:
         if key not in _DICT_KEYS:

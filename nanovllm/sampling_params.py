@@ -31,6 +31,10 @@ class SamplingParams:
     text is cut before it, or after it with `include_stop_str_in_output`). None of these can end
     it before `min_tokens` tokens. `logprobs=k` returns, for each generated token, the k most
     likely tokens and the sampled one, with their ranks, from the model's raw logits.
+    `prompt_logprobs=k` returns, for each prompt token after the first, the k most likely tokens
+    at that position and the actual prompt token (vLLM's RequestOutput.prompt_logprobs). Every
+    prompt position then needs its logits, so such a request computes its whole prompt: it does
+    not take prompt blocks from the prefix cache (it still leaves its blocks there for others).
     The lists are stored as tuples and logit_bias as a read-only mapping: a SamplingParams
     cannot change after it was checked.
     """
@@ -46,6 +50,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     stop: tuple[str, ...] = field(default_factory=tuple)
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     n: int = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -95,8 +100,9 @@ class SamplingParams:
                 require_int("logit_bias token id", token_id, 0)
                 require_number(f"logit_bias[{token_id}]", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
             object.__setattr__(self, "logit_bias", MappingProxyType(dict(self.logit_bias)))
-        if self.logprobs is not None:
-            require_int("logprobs", self.logprobs, 0)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                require_int(name, getattr(self, name), 0)
 
     def __reduce__(self) -> tuple:
         """Pickle through the constructor (a read-only mapping cannot be pickled; this also re-checks)."""

@@ -260,6 +260,7 @@ BAD_CALLS = [
     (dict(sampling_params=[greedy(4), None]), TypeError, "NoneType"),
     (dict(sampling_params=greedy(4, stop_token_ids=[VOCAB + 5])), ValueError, f"stop_token_ids entry {VOCAB + 5} is outside"),
     (dict(sampling_params=SamplingParams(logprobs=VOCAB + 1)), ValueError, f"got {VOCAB + 1}"),
+    (dict(sampling_params=SamplingParams(prompt_logprobs=VOCAB + 1)), ValueError, f"prompt_logprobs must be <= the vocabulary size {VOCAB}"),
 ]
 
 

@@ -93,6 +93,8 @@ BAD_VALUES = [
     (SamplingParams, {"stop_token_ids": [True]}, TypeError),
     (SamplingParams, {"logprobs": -1}, ValueError),
     (SamplingParams, {"logprobs": 2.0}, TypeError),
+    (SamplingParams, {"prompt_logprobs": -1}, ValueError),
+    (SamplingParams, {"prompt_logprobs": True}, TypeError),
     (SamplingParams, {"temperature": math.inf}, ValueError),
     (SamplingParams, {"seed": 2**63}, ValueError),
     (SamplingParams, {"min_tokens": 10, "max_tokens": 5}, ValueError),

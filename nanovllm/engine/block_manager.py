@@ -69,8 +69,9 @@ class BlockManager:
         """Cached blocks (ids, hashes) for the longest computed prefix of an unallocated sequence.
 
         At most `num_tokens - 1` tokens can hit: the last token must be computed to get logits.
+        None hit for a sequence that computes prompt logprobs: it needs every prompt position's logits.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.computes_prompt_logprobs:
             return [], []
         ids: list[int] = []
         hashes: list[int] = []

@@ -1,13 +1,13 @@
 """ScheduledBatch -> StepInputs: the host arrays of one forward pass (numpy, no torch kernels)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.engine.sequence import PENDING
+from nanovllm.engine.sequence import PENDING, Sequence
 
 
 @dataclass
@@ -16,6 +16,8 @@ class StepInputs:
 
     input_ids/positions int64 [N]; slot_mapping int32 [N]; cu_seqlens_q int32 [B+1];
     seq_lens int32 [B]; block_tables int32 [B, W] padded with -1; logits_indices int64 [S].
+    prompt_logits_indices int64 [R]: rows whose logits score the next prompt token (prompt_logprobs),
+    prompt_targets int64 [R] those tokens; their logits follow the S sampled rows'.
     Under overlap scheduling some input ids are PENDING: `input_ids[pending_rows]` is taken on the
     device from row `pending_src` of the previous step's sampled tokens (rank 0 broadcasts them to
     the other ranks when `share_sampled`).
@@ -33,6 +35,8 @@ class StepInputs:
     pending_rows: np.ndarray
     pending_src: np.ndarray
     share_sampled: bool = False
+    prompt_logits_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    prompt_targets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def num_tokens(self) -> int:
@@ -41,6 +45,14 @@ class StepInputs:
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens)
+
+
+def num_prompt_logits(seq: Sequence, start: int, end: int) -> int:
+    """How many of positions [start, end) are prompt positions whose logits score the next prompt token
+    (positions 0 .. num_prompt_tokens - 2) for a sequence that computes prompt logprobs; else 0."""
+    if not seq.computes_prompt_logprobs:
+        return 0
+    return max(0, min(end, seq.num_prompt_tokens - 1) - start)
 
 
 def build_step_inputs(batch: ScheduledBatch, block_size: int, sample_rows: dict[int, int], share_sampled: bool) -> StepInputs:
@@ -64,6 +76,12 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, sample_rows: dict[
     seq_index = np.repeat(np.arange(num_seqs), counts)
     slot_mapping = (block_tables[seq_index, positions // block_size].astype(np.int64) * block_size + positions % block_size).astype(np.int32)
     samples = np.fromiter((e == s.num_tokens for s, e in zip(batch.seqs, ends.tolist())), dtype=bool, count=num_seqs)
+    prompt_rows: list[int] = []
+    prompt_targets: list[int] = []
+    for seq, row, b, e in zip(batch.seqs, cu_seqlens_q[:-1].tolist(), starts.tolist(), ends.tolist()):
+        count = num_prompt_logits(seq, b, e)
+        prompt_rows.extend(range(row, row + count))
+        prompt_targets.extend(seq.token_ids[b + 1 : b + 1 + count])
     pending_rows = np.flatnonzero(input_ids == PENDING)
     pending_src = np.fromiter((sample_rows[batch.seqs[i].seq_id] for i in seq_index[pending_rows].tolist()), dtype=np.int64, count=len(pending_rows))
     return StepInputs(
@@ -79,6 +97,8 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, sample_rows: dict[
         pending_rows=pending_rows,
         pending_src=pending_src,
         share_sampled=share_sampled,
+        prompt_logits_indices=np.asarray(prompt_rows, dtype=np.int64),
+        prompt_targets=np.asarray(prompt_targets, dtype=np.int64),
     )
 
 

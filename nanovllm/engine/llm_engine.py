@@ -14,12 +14,12 @@ from tqdm.auto import tqdm
 from nanovllm.config import Config
 from nanovllm.engine.detokenizer import find_stop
 from nanovllm.engine.model_runner import ModelRunner, StepHandle, run_worker
-from nanovllm.engine.requests import Completion, Prompt, Request, load_tokenizer, tokenize
+from nanovllm.engine.requests import Completion, LogprobEntries, Prompt, Request, load_tokenizer, tokenize
 from nanovllm.engine.rpc import Workers
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampler import SamplerOutput
-from nanovllm.outputs import Logprob, RequestOutput, StreamChunk
+from nanovllm.outputs import RequestOutput, StreamChunk
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.generation_config import eos_token_ids, sampling_defaults
 from nanovllm.utils.parallel import create_store
@@ -113,8 +113,9 @@ class LLMEngine:
             for token_id in token_ids:
                 if token_id >= vocab:
                     raise ValueError(f"{name} entry {token_id} is outside the vocabulary [0, {vocab})")
-        if params.logprobs is not None and params.logprobs > vocab:
-            raise ValueError(f"logprobs must be <= the vocabulary size {vocab}, got {params.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (k := getattr(params, name)) is not None and k > vocab:
+                raise ValueError(f"{name} must be <= the vocabulary size {vocab}, got {k}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this LLM was created with skip_tokenizer_init=True (use stop_token_ids)")
         return params
@@ -149,6 +150,8 @@ class LLMEngine:
         seqs = [Sequence(token_ids, params, self.config.kvcache_block_size, request_id, i) for i in range(params.n)]
         completions = [Completion(seq, self.tokenizer) for seq in seqs]
         request = Request(request_id, index, prompt if isinstance(prompt, str) else None, token_ids, params, stream, completions)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
         self.requests[request_id] = request
         hold = self.config.enable_prefix_caching and params.n > 1
         request.held = seqs[1:] if hold else []
@@ -207,6 +210,7 @@ class LLMEngine:
             if token is not None and request is not None and seq.num_output_tokens == 0:
                 request.num_cached_tokens += seq.num_cached_tokens
         self._record_logprobs(batch.seqs, sampled, handle.output)
+        self._record_prompt_logprobs(batch.seqs, handle)
         chunks = []
         for seq in self.scheduler.resolve(batch, sampled):
             request = self.requests.get(seq.request_id)
@@ -226,22 +230,29 @@ class LLMEngine:
         if output.sampled_logprobs is None:
             return
         rows = [seq for seq, token in zip(seqs, sampled) if token is not None]
-        sampled_ids = output.token_ids.tolist()
-        sampled_lp = output.sampled_logprobs.tolist()
-        sampled_ranks = output.sampled_ranks.tolist()
-        top_ids = output.top_ids.tolist() if output.top_ids is not None else None
-        top_lp = output.top_logprobs.tolist() if output.top_logprobs is not None else None
+        entries = LogprobEntries(output, self._token_text)
         for row, seq in enumerate(rows):
             n = seq.sampling_params.logprobs
             request = self.requests.get(seq.request_id)
             if n is None or request is None:
                 continue
-            entry = {token: Logprob(lp, rank, self._token_text(token)) for rank, (token, lp) in enumerate(zip(top_ids[row][:n], top_lp[row][:n]), 1)} if n else {}
-            token = sampled_ids[row]
-            entry[token] = Logprob(sampled_lp[row], sampled_ranks[row], self._token_text(token))
             completion = request.completions[seq.completion_index]
-            completion.logprobs.append(entry)
-            completion.cumulative_logprob += sampled_lp[row]
+            completion.logprobs.append(entries.entry(row, n))
+            completion.cumulative_logprob += entries.chosen_logprobs[row]
+
+    def _record_prompt_logprobs(self, seqs: list[Sequence], handle: StepHandle) -> None:
+        """Append the step's prompt-logprob entries to their requests, position by position. A position
+        already recorded (computed again after a preemption) keeps its first entry."""
+        if handle.prompt_logprobs is None:
+            return
+        entries = LogprobEntries(handle.prompt_logprobs, self._token_text)
+        row = 0
+        for seq, (start, count) in zip(seqs, handle.prompt_spans):
+            request = self.requests.get(seq.request_id)
+            for position in range(start, start + count):
+                if request is not None and position + 1 == len(request.prompt_logprobs):
+                    request.prompt_logprobs.append(entries.entry(row, seq.sampling_params.prompt_logprobs))
+                row += 1
 
     def _token_text(self, token_id: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id])

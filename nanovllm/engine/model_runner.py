@@ -11,12 +11,12 @@ import torch
 
 from nanovllm.config import Config
 from nanovllm.engine.graph_runner import GraphRunner
-from nanovllm.engine.inputs import StepInputs, build_step_inputs, prefill_inputs, to_device
+from nanovllm.engine.inputs import StepInputs, build_step_inputs, num_prompt_logits, prefill_inputs, to_device
 from nanovllm.engine.rpc import Call, CommandReader, WorkerEnd, Workers
 from nanovllm.engine.sampling_inputs import build_sampling_tensors
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.attention import Attention, AttentionMetadata, select_backend
-from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingTensors
+from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingTensors, gather_logprobs
 from nanovllm.models.registry import resolve_model_class
 from nanovllm.utils.loader import load_model
 from nanovllm.utils.parallel import TPGroup, building_with, create_store
@@ -40,12 +40,18 @@ class RuntimeInfo:
 
 @dataclass
 class StepHandle:
-    """A launched step whose sampled tokens may still be on their way to the host."""
+    """A launched step whose sampled tokens may still be on their way to the host.
+
+    prompt_spans[i]: (first position, count) of the prompt positions whose logprobs batch row i got in
+    `prompt_logprobs` (token_ids there are the prompt tokens scored), rows in batch order.
+    """
 
     samples: list[bool]
     output: SamplerOutput
     host_tokens: torch.Tensor
     done: torch.cuda.Event | None
+    prompt_spans: list[tuple[int, int]]
+    prompt_logprobs: SamplerOutput | None = None
 
     def sampled(self) -> list[int | None]:
         """Wait for the step; the token drawn for each batch row (None for a partial prefill chunk)."""
@@ -200,8 +206,8 @@ class ModelRunner:
     # ---- execution ------------------------------------------------------------------------
 
     def execute(self, inputs: StepInputs) -> torch.Tensor | None:
-        """Forward pass (a graph replay where a captured shape holds the step); returns logits [S, V]
-        for the sampled rows on rank 0 (None on other ranks)."""
+        """Forward pass (a graph replay where a captured shape holds the step); returns logits [S + R, V]
+        on rank 0 (None on other ranks): the S sampled rows, then the R prompt-logprob rows."""
         input_ids = self._input_ids(inputs, self._to_device(inputs.input_ids))
         positions = self._to_device(inputs.positions)
         shape = self.graph_runner and self.graph_runner.shape_for(inputs.num_tokens, inputs.num_seqs, inputs.is_decode)
@@ -223,7 +229,8 @@ class ModelRunner:
                 hidden = self.model(input_ids, positions)
             finally:
                 self.backend.end_step()
-        return self.model.compute_logits(hidden, self._to_device(inputs.logits_indices))
+        logits_indices = np.concatenate([inputs.logits_indices, inputs.prompt_logits_indices])
+        return self.model.compute_logits(hidden, self._to_device(logits_indices))
 
     def _input_ids(self, inputs: StepInputs, input_ids: torch.Tensor) -> torch.Tensor:
         """Fill PENDING input ids from the previous step's sampled tokens, on the device (no host sync)."""
@@ -238,6 +245,10 @@ class ModelRunner:
         inputs = self.prepare(batch)
         logits = self._execute_on_all_ranks(inputs)
         samples = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(batch.seqs, batch.num_new_tokens)]
+        prompt_spans = [(s.num_computed_tokens, num_prompt_logits(s, s.num_computed_tokens, s.num_computed_tokens + n))
+                        for s, n in zip(batch.seqs, batch.num_new_tokens)]
+        prompt_logprobs = self._prompt_logprobs(batch, logits[len(inputs.logits_indices) :], inputs.prompt_targets)
+        logits = logits[: len(inputs.logits_indices)]
         sampling_seqs = [s for s, sampled in zip(batch.seqs, samples) if sampled]
         output = self.sampler(logits, build_sampling_tensors(sampling_seqs, eos_token_ids, self.vocab_size, self._to_device,
                                                              self.last_sampled, self.sample_rows))
@@ -246,12 +257,20 @@ class ModelRunner:
         self.last_sampled = output.token_ids
         self.sample_rows = {seq.seq_id: row for row, seq in enumerate(sampling_seqs)}
         if self.device.type != "cuda":
-            return StepHandle(samples, output, output.token_ids, None)
+            return StepHandle(samples, output, output.token_ids, None, prompt_spans, prompt_logprobs)
         host_tokens = torch.empty(output.token_ids.shape, dtype=output.token_ids.dtype, pin_memory=True)
         host_tokens.copy_(output.token_ids, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return StepHandle(samples, output, host_tokens, done)
+        return StepHandle(samples, output, host_tokens, done, prompt_spans, prompt_logprobs)
+
+    def _prompt_logprobs(self, batch: ScheduledBatch, logits: torch.Tensor, targets: np.ndarray) -> SamplerOutput | None:
+        """Raw-logit logprobs of the prompt tokens `targets` [R] from their rows' logits [R, V], with the
+        top k (the largest prompt_logprobs in the batch); None when no row asked."""
+        if not len(targets):
+            return None
+        k = max(s.sampling_params.prompt_logprobs for s in batch.seqs if s.computes_prompt_logprobs)
+        return gather_logprobs(logits.float().log_softmax(-1), self._to_device(targets), k)
 
     def worker_step(self, inputs: StepInputs) -> None:
         """A tensor-parallel worker's step: the forward pass, then rank 0's sampled tokens if shared."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from numbers import Integral
 
@@ -11,6 +12,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.sampler import SamplerOutput
 from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput, StreamChunk
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.validation import require_text
@@ -92,7 +94,8 @@ class Completion:
 @dataclass
 class Request:
     """A prompt and its n completions. `held`: sequences 2..n, queued once the first has computed the
-    prompt; `outbox`: chunks produced for this request that its caller has not taken yet."""
+    prompt; `outbox`: chunks produced for this request that its caller has not taken yet;
+    `prompt_logprobs`: the entries recorded so far ([None] at the start) when asked, else None."""
 
     request_id: str
     index: int
@@ -104,6 +107,7 @@ class Request:
     held: list[Sequence] = field(default_factory=list)
     outbox: deque[StreamChunk] = field(default_factory=deque)
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -116,4 +120,24 @@ class Request:
 
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [c.output() for c in self.completions],
-                             self.finished, self.num_cached_tokens)
+                             self.finished, self.num_cached_tokens, self.prompt_logprobs)
+
+
+class LogprobEntries:
+    """A step's logprob rows (sampled or prompt tokens) read to the host once, turned into vLLM's entries."""
+
+    def __init__(self, output: SamplerOutput, token_text: Callable[[int], str | None]) -> None:
+        self.chosen = output.token_ids.tolist()
+        self.chosen_logprobs = output.sampled_logprobs.tolist()
+        self.chosen_ranks = output.sampled_ranks.tolist()
+        self.top_ids = output.top_ids.tolist() if output.top_ids is not None else None
+        self.top_logprobs = output.top_logprobs.tolist() if output.top_logprobs is not None else None
+        self.token_text = token_text
+
+    def entry(self, row: int, k: int) -> dict[int, Logprob]:
+        """Row `row`'s {token id: Logprob}: its `k` most likely tokens, then its chosen token."""
+        ranked = zip(self.top_ids[row][:k], self.top_logprobs[row][:k]) if k else ()
+        result = {token: Logprob(lp, rank, self.token_text(token)) for rank, (token, lp) in enumerate(ranked, 1)}
+        token = self.chosen[row]
+        result[token] = Logprob(self.chosen_logprobs[row], self.chosen_ranks[row], self.token_text(token))
+        return result

@@ -66,6 +66,12 @@ class Sequence:
         return self.num_completion_tokens - self.num_pending_tokens
 
     @property
+    def computes_prompt_logprobs(self) -> bool:
+        """Whether this sequence's steps yield the logits of every prompt position (the request's first
+        continuation, when prompt_logprobs is asked; it then takes nothing from the prefix cache)."""
+        return self.sampling_params.prompt_logprobs is not None and self.completion_index == 0
+
+    @property
     def prompt_token_ids(self) -> list[int]:
         return self.token_ids[: self.num_prompt_tokens]
 

@@ -106,6 +106,17 @@ def seeded_exponentials(seeds: torch.Tensor, positions: torch.Tensor, vocab_size
     return -torch.log(uniform)
 
 
+def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> SamplerOutput:
+    """The logprob and rank of token_ids [B] under logprobs [B, V] (float32), and the k most likely (k=0: none)."""
+    chosen = logprobs.gather(1, token_ids[:, None])
+    ranks = (logprobs > chosen).sum(-1) + 1
+    chosen = chosen.squeeze(1)
+    if k == 0:
+        return SamplerOutput(token_ids, chosen, ranks)
+    top_logprobs, top_ids = logprobs.topk(k, -1)
+    return SamplerOutput(token_ids, chosen, ranks, top_ids, top_logprobs)
+
+
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, params: SamplingTensors) -> SamplerOutput:
         """logits [B, V] (any float dtype) -> sampled token ids [B] and, if asked, raw-logit logprobs."""
@@ -127,13 +138,7 @@ class Sampler(nn.Module):
             token_ids = self._race(logits.float(), params)
         if logprobs is None:
             return SamplerOutput(token_ids)
-        sampled_logprobs = logprobs.gather(1, token_ids[:, None])
-        sampled_ranks = (logprobs > sampled_logprobs).sum(-1) + 1
-        sampled_logprobs = sampled_logprobs.squeeze(1)
-        if params.max_logprobs == 0:
-            return SamplerOutput(token_ids, sampled_logprobs, sampled_ranks)
-        top_logprobs, top_ids = logprobs.topk(params.max_logprobs, -1)
-        return SamplerOutput(token_ids, sampled_logprobs, sampled_ranks, top_ids, top_logprobs)
+        return gather_logprobs(logprobs, token_ids, params.max_logprobs)
 
     def _race(self, logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
         """The exponential race over the filtered distribution (greedy rows: argmax). logits float32 [B, V]."""
