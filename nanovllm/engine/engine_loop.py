@@ -98,6 +98,7 @@ class EngineLoop:
         self.stats = LoopStats(num_blocks_total=len(engine.scheduler.block_manager.blocks))
         self._inbox: queue.SimpleQueue[AddRequest | AbortRequest | Stop] = queue.SimpleQueue()
         self._live: dict[str, _Live] = {}  # by the engine's request id (seq.request_id)
+        self._engine_ids: dict[int, str] = {}  # the engine's request id of each live request, by the loop's id
         self._ids = itertools.count()
         self._lock = threading.Lock()  # orders `add` against the loop's final drain, so no add is left unanswered
         self._stopped = False
@@ -175,12 +176,18 @@ class EngineLoop:
             message.accepted.set_exception(error)
             return
         self._live[seq.request_id] = _Live(message.request_id, seq, message.deliver)
+        self._engine_ids[message.request_id] = seq.request_id
         message.accepted.set_result(Accepted(message.request_id, seq.num_prompt_tokens))
 
+    def _forget(self, engine_id: str) -> _Live:
+        live = self._live.pop(engine_id)
+        del self._engine_ids[live.request_id]
+        return live
+
     def _abort(self, request_id: int) -> None:
-        engine_id = next((key for key, live in self._live.items() if live.request_id == request_id), None)
+        engine_id = self._engine_ids.get(request_id)
         if engine_id is not None:
-            del self._live[engine_id]
+            self._forget(engine_id)
             self.engine.abort(engine_id)
 
     def _step(self) -> None:
@@ -196,7 +203,7 @@ class EngineLoop:
                 logprobs = [{token: lp.logprob for token, lp in entry.items()} for entry in new]
                 live.num_logprobs_sent += len(new)
             if chunk.finished:
-                del self._live[chunk.request_id]
+                self._forget(chunk.request_id)
                 self.engine.abort(chunk.request_id)  # forgets the finished request (its sequence is already done)
             live.deliver(Output(chunk.text, chunk.token_ids, logprobs, chunk.finished, chunk.finish_reason))
 
@@ -223,6 +230,7 @@ class EngineLoop:
             else:
                 live.deliver(failure)
         self._live.clear()
+        self._engine_ids.clear()
         self._publish_stats()
 
 
