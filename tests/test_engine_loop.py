@@ -84,6 +84,17 @@ def test_abort_frees_blocks_and_close_ends_live_requests(tiny_model) -> None:
         loop.add([1, 2], long, Collector())
 
 
+def test_abort_of_n_completions_before_the_siblings_are_scheduled(tiny_model) -> None:
+    """Siblings 2..n wait for the first to prefill the prompt; aborting then frees what was queued."""
+    llm = make_llm(tiny_model)
+    seq = llm.add_request([7] * 40, SamplingParams(n=3, temperature=1.0, max_tokens=4))
+    llm.abort(seq.request_id)
+    assert llm.scheduler.is_finished() and not llm.scheduler.block_manager.used_block_ids
+    [out] = llm.generate([[7] * 40], SamplingParams(n=2, temperature=0, max_tokens=4), use_tqdm=False)
+    assert [len(c.token_ids) for c in out.outputs] == [4, 4]
+    llm.exit()
+
+
 def test_refusals_come_back_through_the_future(tiny_model) -> None:
     loop = EngineLoop(make_llm(tiny_model, max_num_seqs=1), max_waiting=1)
     with pytest.raises(ValueError, match="max_model_len"):

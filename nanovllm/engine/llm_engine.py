@@ -90,8 +90,8 @@ class LLMEngine:
             del self.model_runner
             self._in_flight = None
             for request in self.requests.values():
-                for completion in request.completions:
-                    self.scheduler.abort(completion.seq)
+                for seq in request.scheduled_seqs:
+                    self.scheduler.abort(seq)
             self.requests.clear()
             gc.collect()
             if on_cuda:
@@ -172,8 +172,8 @@ class LLMEngine:
             request_id = request.request_id if isinstance(request, Sequence) else request
             state = self.requests.pop(request_id, None)
             if state is not None:
-                for completion in state.completions:
-                    self.scheduler.abort(completion.seq)
+                for seq in state.scheduled_seqs:
+                    self.scheduler.abort(seq)
 
     # ---- the step loop --------------------------------------------------------------------
 

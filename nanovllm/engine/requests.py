@@ -113,6 +113,11 @@ class Request:
     def finished(self) -> bool:
         return not self.held and all(c.seq.is_finished for c in self.completions)
 
+    @property
+    def scheduled_seqs(self) -> list[Sequence]:
+        """The sequences handed to the scheduler: all but the held ones (which it has never seen)."""
+        return [c.seq for c in self.completions if c.seq not in self.held]
+
     def take_chunks(self) -> list[StreamChunk]:
         chunks = list(self.outbox)
         self.outbox.clear()
