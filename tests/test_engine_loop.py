@@ -84,6 +84,20 @@ def test_abort_frees_blocks_and_close_ends_live_requests(tiny_model) -> None:
         loop.add([1, 2], long, Collector())
 
 
+def test_n_completions_stream_apart_and_one_abort_frees_them_all(tiny_model) -> None:
+    loop = EngineLoop(make_llm(tiny_model, max_model_len=4096, num_kvcache_blocks=1024, max_num_batched_tokens=4096))
+    params = SamplingParams(n=3, temperature=1.0, seed=4, max_tokens=3000, ignore_eos=True)
+    collector = Collector()
+    message = loop.add([7] * 40, params, collector)
+    wait_until(lambda: {o.completion_index for o in collector.outputs if o.token_ids} == {0, 1, 2})
+    assert loop.stats.num_running == 3
+    loop.abort(message.request_id)
+    wait_until(lambda: loop.stats.num_blocks_used == 0 and loop.stats.num_running == 0)
+    assert not collector.done.is_set()
+    loop.close()
+    assert loop.engine.requests == {}
+
+
 def test_abort_of_n_completions_before_the_siblings_are_scheduled(tiny_model) -> None:
     """Siblings 2..n wait for the first to prefill the prompt; aborting then frees what was queued."""
     llm = make_llm(tiny_model)

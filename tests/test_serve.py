@@ -88,20 +88,20 @@ def test_chat_completion_applies_the_chat_template(client, offline, tokenizer, t
     assert texts == {0: expected["text"]} and reasons == {0: expected["finish_reason"]}
 
 
-def test_n_choices_are_seeded_samples(client, offline, tiny_model) -> None:
-    """n=2 with a seed: choice i is the offline sample with seed + i."""
+def test_n_choices_are_offline_n_samples(client, offline, tiny_model) -> None:
+    """n=2 with a seed: the choices are the completions of offline generate with the same n and seed."""
     prompt = [5, 6, 7, 8, 9]
-    expected = offline.generate([prompt, prompt], [SamplingParams(temperature=1.0, seed=11 + i, max_tokens=8, ignore_eos=True) for i in range(2)],
-                                use_tqdm=False)
+    [expected] = offline.generate([prompt], SamplingParams(n=2, temperature=1.0, seed=11, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    expected_texts = [completion.text for completion in expected.outputs]
     response = client.completions.create(model=tiny_model, prompt=prompt, n=2, seed=11, max_tokens=8, temperature=1.0,
                                          extra_body={"ignore_eos": True})
     assert [c.index for c in response.choices] == [0, 1]
-    assert [c.text for c in response.choices] == [e["text"] for e in expected]
+    assert [c.text for c in response.choices] == expected_texts
     assert response.usage.prompt_tokens == len(prompt) and response.usage.completion_tokens == 16
     stream = client.completions.create(model=tiny_model, prompt=prompt, n=2, seed=11, max_tokens=8, temperature=1.0,
                                        extra_body={"ignore_eos": True}, stream=True)
     texts, _, _ = streamed_texts(stream)
-    assert texts == {i: e["text"] for i, e in enumerate(expected)}
+    assert texts == dict(enumerate(expected_texts))
 
 
 def test_stop_string_cuts_the_text(client, offline, tiny_model) -> None:

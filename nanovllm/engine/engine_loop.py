@@ -2,7 +2,8 @@
 request is live; other threads add and abort requests through a thread-safe inbox of typed messages.
 
 Requests that arrive while others decode join the next step (continuous batching across callers).
-Each request's outputs go to its own `deliver` callback, called on the engine thread; `RequestStream`
+A request with SamplingParams.n > 1 is one engine request (its prompt is prefilled once) whose n
+completions each deliver their own Outputs. Each request's outputs go to its own `deliver` callback, called on the engine thread; `RequestStream`
 turns that into an async iterator for asyncio code (the HTTP server).
 """
 from __future__ import annotations
@@ -30,13 +31,14 @@ class EngineStopped(RuntimeError):
 
 @dataclass
 class Output:
-    """What one request produced since its previous Output; the last one has `finished`."""
+    """What one completion of a request produced since its previous Output; its last one has `finished`."""
 
     text: str
     token_ids: list[int]
     logprobs: list[dict[int, float]] | None
     finished: bool
     finish_reason: str | None
+    completion_index: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,10 @@ class Stop:
 @dataclass
 class _Live:
     request_id: int
-    seq: Sequence
+    seq: Sequence  # the first completion's
     deliver: Deliver
-    num_logprobs_sent: int = 0
+    num_logprobs_sent: list[int]  # per completion
+    unfinished: set[int]  # completion indices still running
 
 
 class EngineLoop:
@@ -109,8 +112,8 @@ class EngineLoop:
 
     def add(self, prompt: Prompt, params: SamplingParams, deliver: Deliver) -> AddRequest:
         """Queue a request; `message.accepted` resolves to Accepted, or to the ValueError / TypeError /
-        QueueFull / EngineStopped that refused it. `deliver` then gets Outputs until one is finished
-        (or EngineStopped if the engine fails)."""
+        QueueFull / EngineStopped that refused it. `deliver` then gets Outputs until each of the
+        `params.n` completions has had a finished one (or EngineStopped if the engine fails)."""
         message = AddRequest(next(self._ids), prompt, params, deliver)
         with self._lock:
             if self._stopped:
@@ -119,7 +122,7 @@ class EngineLoop:
         return message
 
     def abort(self, request_id: int) -> None:
-        """Drop a request and free its blocks; a no-op once it has finished."""
+        """Drop a request (all its completions) and free its blocks; a no-op once it has finished."""
         self._inbox.put(AbortRequest(request_id))
 
     def is_alive(self) -> bool:
@@ -175,7 +178,8 @@ class EngineLoop:
         except (ValueError, TypeError) as error:
             message.accepted.set_exception(error)
             return
-        self._live[seq.request_id] = _Live(message.request_id, seq, message.deliver)
+        n = message.params.n
+        self._live[seq.request_id] = _Live(message.request_id, seq, message.deliver, [0] * n, set(range(n)))
         self._engine_ids[message.request_id] = seq.request_id
         message.accepted.set_result(Accepted(message.request_id, seq.num_prompt_tokens))
 
@@ -196,16 +200,20 @@ class EngineLoop:
             live = self._live.get(chunk.request_id)
             if live is None:
                 continue
+            index = chunk.completion_index
             logprobs = None
             if live.seq.sampling_params.logprobs is not None:
-                recorded = self.engine.requests[chunk.request_id].completions[0].logprobs
-                new = recorded[live.num_logprobs_sent : live.num_logprobs_sent + len(chunk.token_ids)]
+                recorded = self.engine.requests[chunk.request_id].completions[index].logprobs
+                sent = live.num_logprobs_sent[index]
+                new = recorded[sent : sent + len(chunk.token_ids)]
                 logprobs = [{token: lp.logprob for token, lp in entry.items()} for entry in new]
-                live.num_logprobs_sent += len(new)
+                live.num_logprobs_sent[index] += len(new)
             if chunk.finished:
-                self._forget(chunk.request_id)
-                self.engine.abort(chunk.request_id)  # forgets the finished request (its sequence is already done)
-            live.deliver(Output(chunk.text, chunk.token_ids, logprobs, chunk.finished, chunk.finish_reason))
+                live.unfinished.discard(index)
+                if not live.unfinished:
+                    self._forget(chunk.request_id)
+                    self.engine.abort(chunk.request_id)  # forgets the finished request (its sequences are already done)
+            live.deliver(Output(chunk.text, chunk.token_ids, logprobs, chunk.finished, chunk.finish_reason, index))
 
     def _publish_stats(self) -> None:
         scheduler = self.engine.scheduler
@@ -226,7 +234,8 @@ class EngineLoop:
         for engine_id, live in list(self._live.items()):
             if failure is None:
                 self.engine.abort(engine_id)
-                live.deliver(Output("", [], None, True, "abort"))
+                for index in sorted(live.unfinished):
+                    live.deliver(Output("", [], None, True, "abort", index))
             else:
                 live.deliver(failure)
         self._live.clear()
@@ -235,15 +244,20 @@ class EngineLoop:
 
 
 class RequestStream:
-    """One request's Outputs inside an asyncio event loop. Use `await RequestStream.open(...)`, iterate,
-    and `close()` in a finally: closing a request that has not finished aborts it."""
+    """One request's Outputs (of all its n completions, interleaved) inside an asyncio event loop. Use
+    `await RequestStream.open(...)`, iterate, and `close()` in a finally: closing a request that has not
+    finished aborts it."""
 
     def __init__(self, engine_loop: EngineLoop, message: AddRequest, outputs: asyncio.Queue) -> None:
         self.engine_loop = engine_loop
         self.request_id = message.request_id
         self.accepted: Accepted | None = None
-        self.finished = False
+        self._num_unfinished = message.params.n
         self._outputs = outputs
+
+    @property
+    def finished(self) -> bool:
+        return self._num_unfinished == 0
 
     @classmethod
     async def open(cls, engine_loop: EngineLoop, prompt: Prompt, params: SamplingParams) -> RequestStream:
@@ -273,15 +287,15 @@ class RequestStream:
         while not self.finished:
             item = await self._outputs.get()
             if isinstance(item, EngineStopped):
-                self.finished = True
+                self._num_unfinished = 0
                 raise item
-            self.finished = item.finished
+            self._num_unfinished -= item.finished
             yield item
 
     def close(self) -> bool:
         """Abort the request if it has not finished; True when it did abort it."""
         if self.finished:
             return False
-        self.finished = True
+        self._num_unfinished = 0
         self.engine_loop.abort(self.request_id)
         return True

@@ -70,8 +70,8 @@ class SamplingRequest(BaseModel):
         if not 1 <= self.n <= MAX_N:
             raise ApiError(400, f"n must be in [1, {MAX_N}], got {self.n}", "n")
 
-    def sampling_params(self, default_max_tokens: int, choice: int) -> SamplingParams:
-        """SamplingParams of choice number `choice` (of `n`): each choice gets its own seed (seed + choice)."""
+    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        """The request's SamplingParams, n included: the engine runs the n choices as one request."""
         penalties = {name: getattr(self, name) for name in PENALTY_FIELDS if getattr(self, name) is not None}
         logit_bias = token_id_keys(self.logit_bias) if self.logit_bias else None
         try:
@@ -80,7 +80,8 @@ class SamplingRequest(BaseModel):
                 top_k=self.top_k if self.top_k not in (0, None) else -1,
                 top_p=self.top_p,
                 min_p=self.min_p,
-                seed=None if self.seed is None else self.seed + choice,
+                n=self.n,
+                seed=self.seed,
                 max_tokens=default_max_tokens if self._max_tokens() is None else self._max_tokens(),
                 min_tokens=self.min_tokens,
                 ignore_eos=self.ignore_eos,

@@ -1,5 +1,5 @@
 """OpenAI-compatible HTTP server (FastAPI + uvicorn) over one EngineLoop: every HTTP request becomes
-engine requests (one per prompt and choice) that share decode steps with everyone else's."""
+engine requests (one per prompt, with the request's n) that share decode steps with everyone else's."""
 from __future__ import annotations
 
 import argparse
@@ -79,10 +79,9 @@ class ServerState:
 
 @dataclass
 class Choice:
-    """One engine request behind one choice of a response."""
+    """One completion of an engine request: one choice of the response."""
 
     index: int
-    stream: RequestStream
     timer: RequestTimer
     text: str = ""
     num_tokens: int = 0
@@ -97,58 +96,73 @@ class Choice:
             self.logprobs += zip(output.token_ids, output.logprobs)
         self.finish_reason = output.finish_reason
 
+
+@dataclass
+class Submitted:
+    """One engine request (a prompt with SamplingParams.n) and its n choices, by completion index."""
+
+    stream: RequestStream
+    choices: list[Choice]
+
     def close(self) -> None:
-        """Abort the engine request if it is still running (client gone, a sibling refused, shutdown)."""
+        """Abort the engine request if it is still running (client gone, another prompt refused, shutdown)."""
         if self.stream.close():
-            self.timer.metrics.requests.labels("abort").inc()
+            for choice in self.choices:
+                if choice.finish_reason is None:
+                    choice.timer.metrics.requests.labels("abort").inc()
 
 
-def _usage(choices: list[Choice], n: int) -> dict:
-    prompt = sum(c.stream.accepted.num_prompt_tokens for c in choices[::n])
-    completion = sum(c.num_tokens for c in choices)
+def _all_choices(submitted: list[Submitted]) -> list[Choice]:
+    return [choice for request in submitted for choice in request.choices]
+
+
+def _usage(submitted: list[Submitted]) -> dict:
+    prompt = sum(request.stream.accepted.num_prompt_tokens for request in submitted)
+    completion = sum(choice.num_tokens for choice in _all_choices(submitted))
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _open_choices(state: ServerState, request: SamplingRequest, prompts: list, default_max_tokens: int) -> list[Choice]:
-    """One engine request per prompt and choice, all accepted or none (a refusal closes the others)."""
+async def _submit(state: ServerState, request: SamplingRequest, prompts: list, default_max_tokens: int) -> list[Submitted]:
+    """One engine request per prompt, with the request's n (the engine prefills each prompt once and
+    seeds continuation i from the seed, as offline `generate` does); all accepted or none (a refusal
+    closes the others). Choice i * n + j is completion j of prompt i."""
     if request.model is not None and request.model != state.model_name:
         raise ApiError(400, f"model {request.model!r} is not served here; the model is {state.model_name!r}", "model", "model_not_found")
     request.check_n()
-    choices: list[Choice] = []
+    params = request.sampling_params(default_max_tokens)
+    submitted: list[Submitted] = []
     try:
-        for prompt in prompts:
-            for i in range(request.n):
-                params = request.sampling_params(default_max_tokens, i)
-                timer = RequestTimer(state.metrics)
-                try:
-                    stream = await RequestStream.open(state.engine_loop, prompt, params)
-                except (ValueError, TypeError) as error:
-                    raise ApiError(400, str(error), "prompt") from error
-                except (QueueFull, EngineStopped) as error:
-                    raise ApiError(503, str(error)) from error
-                state.metrics.prompt_tokens.inc(stream.accepted.num_prompt_tokens)
-                choices.append(Choice(len(choices), stream, timer))
+        for i, prompt in enumerate(prompts):
+            choices = [Choice(i * params.n + j, RequestTimer(state.metrics)) for j in range(params.n)]
+            try:
+                stream = await RequestStream.open(state.engine_loop, prompt, params)
+            except (ValueError, TypeError) as error:
+                raise ApiError(400, str(error), "prompt") from error
+            except (QueueFull, EngineStopped) as error:
+                raise ApiError(503, str(error)) from error
+            state.metrics.prompt_tokens.inc(stream.accepted.num_prompt_tokens)
+            submitted.append(Submitted(stream, choices))
     except BaseException:
-        for choice in choices:
-            choice.close()
+        for done in submitted:
+            done.close()
         raise
-    return choices
+    return submitted
 
 
-async def _merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, Output]]:
-    """Every choice's outputs as they come (one task per choice feeding one queue)."""
+async def _merged(submitted: list[Submitted]) -> AsyncIterator[tuple[Choice, Output]]:
+    """Every choice's outputs as they come (one task per engine request feeding one queue)."""
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(choice: Choice) -> None:
+    async def pump(request: Submitted) -> None:
         try:
-            async for output in choice.stream:
-                await queue.put((choice, output))
+            async for output in request.stream:
+                await queue.put((request.choices[output.completion_index], output))
         except EngineStopped as error:
-            await queue.put((choice, error))
+            await queue.put((None, error))
 
-    tasks = [asyncio.create_task(pump(choice)) for choice in choices]
+    tasks = [asyncio.create_task(pump(request)) for request in submitted]
     try:
-        live = len(choices)
+        live = len(_all_choices(submitted))
         while live:
             choice, item = await queue.get()
             if isinstance(item, EngineStopped):
@@ -166,10 +180,10 @@ async def _until_disconnected(http_request: Request) -> None:
         pass
 
 
-async def _collect(http_request: Request, choices: list[Choice]) -> None:
+async def _collect(http_request: Request, submitted: list[Submitted]) -> None:
     """Run every choice to its end; a client that disconnects first aborts them all."""
     async def drain() -> None:
-        async for _ in _merged(choices):
+        async for _ in _merged(submitted):
             pass
 
     work = asyncio.create_task(drain())
@@ -179,8 +193,8 @@ async def _collect(http_request: Request, choices: list[Choice]) -> None:
     finally:
         watcher.cancel()
         work.cancel()
-        for choice in choices:
-            choice.close()
+        for request in submitted:
+            request.close()
     if not work.done() or work.cancelled():
         raise ApiError(499, "the client disconnected")  # nginx's "client closed request": nobody reads it
     try:
@@ -193,22 +207,22 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-def _streaming_response(choices: list[Choice], n: int, include_usage: bool, header: dict, render) -> StreamingResponse:
+def _streaming_response(submitted: list[Submitted], include_usage: bool, header: dict, render) -> StreamingResponse:
     """SSE: one event per output (`render(choice, output)` makes its choice entry), then usage if asked, then [DONE]."""
 
     async def events() -> AsyncIterator[str]:
         try:
-            async for choice, output in _merged(choices):
+            async for choice, output in _merged(submitted):
                 entry = render(choice, output)
                 if entry is not None:
                     yield _sse({**header, "choices": [entry]})
             if include_usage:
-                yield _sse({**header, "choices": [], "usage": _usage(choices, n)})
+                yield _sse({**header, "choices": [], "usage": _usage(submitted)})
         except EngineStopped as error:
             yield _sse(ApiError(503, str(error)).body)
         finally:
-            for choice in choices:
-                choice.close()
+            for request in submitted:
+                request.close()
         yield _sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -264,7 +278,7 @@ def build_app(engine_loop: EngineLoop, model_name: str, api_key: str | None = No
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, http_request: Request):
-        choices = await _open_choices(state, body, body.prompts(), COMPLETION_DEFAULT_MAX_TOKENS)
+        submitted = await _submit(state, body, body.prompts(), COMPLETION_DEFAULT_MAX_TOKENS)
         header = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model_name}
 
         def entry(choice: Choice, output: Output) -> dict:
@@ -274,11 +288,12 @@ def build_app(engine_loop: EngineLoop, model_name: str, api_key: str | None = No
             return {"index": choice.index, "text": output.text, "logprobs": logprobs, "finish_reason": output.finish_reason}
 
         if body.stream:
-            return _streaming_response(choices, body.n, body.include_usage, header, entry)
-        await _collect(http_request, choices)
+            return _streaming_response(submitted, body.include_usage, header, entry)
+        await _collect(http_request, submitted)
         results = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-                    "logprobs": completion_logprobs(state.tokenizer, c.logprobs, 0) if body.logprobs is not None else None} for c in choices]
-        return {**header, "choices": results, "usage": _usage(choices, body.n)}
+                    "logprobs": completion_logprobs(state.tokenizer, c.logprobs, 0) if body.logprobs is not None else None}
+                   for c in _all_choices(submitted)]
+        return {**header, "choices": results, "usage": _usage(submitted)}
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http_request: Request):
@@ -286,7 +301,7 @@ def build_app(engine_loop: EngineLoop, model_name: str, api_key: str | None = No
             prompt = state.tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
         except (jinja2.TemplateError, ValueError) as error:
             raise ApiError(400, f"the chat template failed on these messages: {error}", "messages") from error
-        choices = await _open_choices(state, body, [prompt], state.max_model_len)
+        submitted = await _submit(state, body, [prompt], state.max_model_len)
         header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name}
 
         def entry(choice: Choice, output: Output) -> dict | None:
@@ -298,11 +313,12 @@ def build_app(engine_loop: EngineLoop, model_name: str, api_key: str | None = No
             return {"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": output.finish_reason}
 
         if body.stream:
-            return _streaming_response(choices, body.n, body.include_usage, header, entry)
-        await _collect(http_request, choices)
+            return _streaming_response(submitted, body.include_usage, header, entry)
+        await _collect(http_request, submitted)
         results = [{"index": c.index, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
-                    "logprobs": chat_logprobs(state.tokenizer, c.logprobs, body.top_logprobs or 0) if body.logprobs else None} for c in choices]
-        return {**header, "object": "chat.completion", "choices": results, "usage": _usage(choices, body.n)}
+                    "logprobs": chat_logprobs(state.tokenizer, c.logprobs, body.top_logprobs or 0) if body.logprobs else None}
+                   for c in _all_choices(submitted)]
+        return {**header, "object": "chat.completion", "choices": results, "usage": _usage(submitted)}
 
     app.include_router(v1)
     return app
