@@ -202,3 +202,15 @@ def test_bad_request_gets_openai_error_and_server_keeps_serving(server, client, 
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and mention.lower() in error["message"].lower()
     assert client.completions.create(model=tiny_model, prompt="still there", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_build_app_refuses_an_engine_without_a_tokenizer(tiny_model) -> None:
+    from nanovllm.engine.engine_loop import EngineLoop
+    from nanovllm.entrypoints.serve import build_app
+
+    loop = EngineLoop(make_llm(tiny_model, skip_tokenizer_init=True))
+    try:
+        with pytest.raises(ValueError, match="skip_tokenizer_init"):
+            build_app(loop, "tiny")
+    finally:
+        loop.close()

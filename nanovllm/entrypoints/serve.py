@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from nanovllm.engine.engine_loop import EngineLoop, EngineStopped, Output, QueueFull, RequestStream
 from nanovllm.engine.llm_engine import LLMEngine
@@ -231,8 +231,14 @@ def _streaming_response(submitted: list[Submitted], include_usage: bool, header:
 def build_app(engine_loop: EngineLoop, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
     """The ASGI app; its shutdown closes `engine_loop` (aborting what is still running)."""
     engine = engine_loop.engine
-    state = ServerState(engine_loop, AutoTokenizer.from_pretrained(engine.config.model), model_name,
-                        engine.config.max_model_len, ServerMetrics(engine_loop))
+    if engine.tokenizer is None:
+        raise ValueError("the server needs the model's tokenizer (chat template, text outputs); start it without skip_tokenizer_init")
+    # The engine's tokenizer, shared: the event loop renders and encodes chat templates while the engine
+    # thread encodes prompts and decodes outputs. A fast (Rust) tokenizer encodes and decodes under shared
+    # borrows; only a change of its truncation/padding settings mutates it, which the first plain encode
+    # makes if tokenizer.json declares any: that first encode happens here, before any request runs.
+    engine.tokenizer.encode("")
+    state = ServerState(engine_loop, engine.tokenizer, model_name, engine.config.max_model_len, ServerMetrics(engine_loop))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
