@@ -136,6 +136,8 @@ def test_logprobs_equal_offline(client, offline, tiny_model) -> None:
     got = response.choices[0].logprobs
     sampled = [entry[t].logprob for t, entry in zip(expected["token_ids"], expected["logprobs"])]
     assert got.token_logprobs == pytest.approx(sampled, abs=1e-4)
+    assert got.tokens == [entry[t].decoded_token for t, entry in zip(expected["token_ids"], expected["logprobs"])]
+    assert "".join(got.tokens) == response.choices[0].text
     assert [len(top) for top in got.top_logprobs] == [len(entry) for entry in expected["logprobs"]]
     chat = client.chat.completions.create(model=tiny_model, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0,
                                           logprobs=True, top_logprobs=2)

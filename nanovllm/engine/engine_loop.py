@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from nanovllm.engine.llm_engine import LLMEngine, Prompt
 from nanovllm.engine.sequence import Sequence
+from nanovllm.outputs import Logprob
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -35,7 +36,7 @@ class Output:
 
     text: str
     token_ids: list[int]
-    logprobs: list[dict[int, float]] | None
+    logprobs: list[dict[int, Logprob]] | None  # as the engine recorded them (decoded token text included)
     finished: bool
     finish_reason: str | None
     completion_index: int = 0
@@ -205,9 +206,8 @@ class EngineLoop:
             if live.seq.sampling_params.logprobs is not None:
                 recorded = self.engine.requests[chunk.request_id].completions[index].logprobs
                 sent = live.num_logprobs_sent[index]
-                new = recorded[sent : sent + len(chunk.token_ids)]
-                logprobs = [{token: lp.logprob for token, lp in entry.items()} for entry in new]
-                live.num_logprobs_sent[index] += len(new)
+                logprobs = recorded[sent : sent + len(chunk.token_ids)]
+                live.num_logprobs_sent[index] += len(logprobs)
             if chunk.finished:
                 live.unfinished.discard(index)
                 if not live.unfinished:

@@ -26,7 +26,7 @@ from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.entrypoints.cli import engine_kwargs
 from nanovllm.entrypoints.metrics import RequestTimer, ServerMetrics
 from nanovllm.entrypoints.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingRequest
-from nanovllm.entrypoints.responses import chat_logprobs, completion_logprobs
+from nanovllm.entrypoints.responses import TokenLogprobs, chat_logprobs, completion_logprobs
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context limit
 
@@ -85,7 +85,7 @@ class Choice:
     timer: RequestTimer
     text: str = ""
     num_tokens: int = 0
-    logprobs: list[tuple[int, dict[int, float]]] = field(default_factory=list)
+    logprobs: TokenLogprobs = field(default_factory=list)
     finish_reason: str | None = None
 
     def add(self, output: Output) -> None:
@@ -290,14 +290,14 @@ def build_app(engine_loop: EngineLoop, model_name: str, api_key: str | None = No
         def entry(choice: Choice, output: Output) -> dict:
             logprobs = None
             if output.logprobs is not None:
-                logprobs = completion_logprobs(state.tokenizer, list(zip(output.token_ids, output.logprobs)), len(choice.text) - len(output.text))
+                logprobs = completion_logprobs(list(zip(output.token_ids, output.logprobs)), len(choice.text) - len(output.text))
             return {"index": choice.index, "text": output.text, "logprobs": logprobs, "finish_reason": output.finish_reason}
 
         if body.stream:
             return _streaming_response(submitted, body.include_usage, header, entry)
         await _collect(http_request, submitted)
         results = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-                    "logprobs": completion_logprobs(state.tokenizer, c.logprobs, 0) if body.logprobs is not None else None}
+                    "logprobs": completion_logprobs(c.logprobs, 0) if body.logprobs is not None else None}
                    for c in _all_choices(submitted)]
         return {**header, "choices": results, "usage": _usage(submitted)}
 
@@ -315,14 +315,14 @@ def build_app(engine_loop: EngineLoop, model_name: str, api_key: str | None = No
             if not output.text and not output.finished and not first:
                 return None
             delta = {"role": "assistant", "content": output.text} if first else {"content": output.text}
-            logprobs = chat_logprobs(state.tokenizer, list(zip(output.token_ids, output.logprobs)), body.top_logprobs or 0) if body.logprobs else None
+            logprobs = chat_logprobs(list(zip(output.token_ids, output.logprobs)), body.top_logprobs or 0) if body.logprobs else None
             return {"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": output.finish_reason}
 
         if body.stream:
             return _streaming_response(submitted, body.include_usage, header, entry)
         await _collect(http_request, submitted)
         results = [{"index": c.index, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
-                    "logprobs": chat_logprobs(state.tokenizer, c.logprobs, body.top_logprobs or 0) if body.logprobs else None}
+                    "logprobs": chat_logprobs(c.logprobs, body.top_logprobs or 0) if body.logprobs else None}
                    for c in _all_choices(submitted)]
         return {**header, "object": "chat.completion", "choices": results, "usage": _usage(submitted)}
 
