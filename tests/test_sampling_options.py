@@ -163,3 +163,24 @@ def test_generation_config_defaults(tiny_model, hf, prompts, tmp_path):
     [out] = engine.generate([prompts[2]], use_tqdm=False)
     assert out["token_ids"] == hf.greedy(prompts[2], defaults.max_tokens)
     assert make_llm(tiny_model).default_sampling_params == SamplingParams()
+
+
+def test_prompt_token_table_is_copied_once_while_the_penalised_rows_stay() -> None:
+    from nanovllm.engine.sampling_inputs import PromptTokenTable
+    from nanovllm.engine.sequence import Sequence
+
+    copies = []
+
+    def device_array(values, dtype):
+        copies.append(values)
+        return torch.as_tensor(values)
+
+    a, b = Sequence([3, 4, 5], SamplingParams(), 16), Sequence([6, 7], SamplingParams(), 16)
+    table = PromptTokenTable()
+    first = table.get([a, b], [True, False], 100, device_array)
+    assert first.tolist() == [[3, 4, 5], [100, 100, 100]]
+    a.token_ids.append(9)  # a decode step: the prompt is unchanged
+    assert table.get([a, b], [True, False], 100, device_array) is first and len(copies) == 1
+    assert table.get([b, a], [False, True], 100, device_array).tolist() == [[100, 100, 100], [3, 4, 5]]
+    assert table.get([a, b], [True, True], 100, device_array).tolist() == [[3, 4, 5], [6, 7, 100]]
+    assert len(copies) == 3

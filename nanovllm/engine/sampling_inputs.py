@@ -24,6 +24,27 @@ def sibling_seed(seed: int, completion_index: int) -> int:
     return (seed + completion_index * _SIBLING_SEED_STRIDE) % (MAX_SEED + 1)
 
 
+class PromptTokenTable:
+    """The padded prompt-token table of the penalised rows, on the device, kept while the rows stay the
+    same: a prompt never changes, so steady decoding of the same batch builds and copies it once.
+    Any change of the rows (a sequence joins, leaves or moves) rebuilds it; a step without penalties
+    drops it."""
+
+    def __init__(self) -> None:
+        self._rows: tuple[int, ...] | None = None
+        self._table: torch.Tensor | None = None
+
+    def get(self, seqs: list[Sequence], active: list[bool], vocab_size: int, device_array: Callable) -> torch.Tensor:
+        rows = tuple(s.seq_id if on else -1 for s, on in zip(seqs, active))
+        if rows != self._rows:
+            self._table = device_array(_padded([s.prompt_token_ids if on else [] for s, on in zip(seqs, active)], vocab_size), np.int64)
+            self._rows = rows
+        return self._table
+
+    def clear(self) -> None:
+        self._rows = self._table = None
+
+
 def build_sampling_tensors(
     seqs: list[Sequence],
     eos_token_ids: frozenset[int],
@@ -31,11 +52,13 @@ def build_sampling_tensors(
     to_device: Callable[[np.ndarray], torch.Tensor],
     last_sampled: torch.Tensor,
     sample_rows: dict[int, int],
+    prompt_tokens: PromptTokenTable,
 ) -> SamplingTensors:
     """Per-row sampling parameters for `seqs` (the sequences that sample this step, in row order).
 
     `last_sampled` / `sample_rows`: the previous step's sampled tokens on the device and the row of
     each sequence in it; they fill the PENDING token a penalised sequence may still have in flight.
+    `prompt_tokens`: the caller's table of penalised prompts, reused across its steps.
     """
     params = [s.sampling_params for s in seqs]
 
@@ -71,27 +94,28 @@ def build_sampling_tensors(
         tensors.bias_index = device_array([(row, token) for row, token, _ in biased], np.int64).T
         tensors.bias_values = device_array([bias for _, _, bias in biased], np.float32)
     if any(p.has_penalties for p in params):
-        tensors.penalties = _penalties(seqs, vocab_size, device_array, last_sampled, sample_rows)
+        tensors.penalties = _penalties(seqs, vocab_size, device_array, last_sampled, sample_rows, prompt_tokens)
+    else:
+        prompt_tokens.clear()
     requested = [p.logprobs for p in params if p.logprobs is not None]
     tensors.max_logprobs = max(requested) if requested else -1
     return tensors
 
 
+def _padded(rows: list[list[int]], vocab_size: int) -> np.ndarray:
+    table = np.full((len(rows), max(1, max(map(len, rows)))), vocab_size, dtype=np.int64)
+    for i, row in enumerate(rows):
+        table[i, : len(row)] = row
+    return table
+
+
 def _penalties(seqs: list[Sequence], vocab_size: int, device_array: Callable, last_sampled: torch.Tensor,
-               sample_rows: dict[int, int]) -> Penalties:
+               sample_rows: dict[int, int], prompt_tokens: PromptTokenTable) -> Penalties:
     """Penalty values per row and each row's prompt and output tokens, padded with `vocab_size`
     (rows without penalties get neutral values and no tokens)."""
     active = [s.sampling_params.has_penalties for s in seqs]
-    prompts = [s.prompt_token_ids if on else [] for s, on in zip(seqs, active)]
     outputs = [s.token_ids[s.num_prompt_tokens :] if on else [] for s, on in zip(seqs, active)]
-
-    def padded(rows: list[list[int]]) -> np.ndarray:
-        table = np.full((len(rows), max(1, max(map(len, rows)))), vocab_size, dtype=np.int64)
-        for i, row in enumerate(rows):
-            table[i, : len(row)] = row
-        return table
-
-    output_table = padded(outputs)
+    output_table = _padded(outputs, vocab_size)
     pending = np.argwhere(output_table == PENDING)
     output_tokens = device_array(output_table, np.int64)
     if len(pending):
@@ -101,6 +125,6 @@ def _penalties(seqs: list[Sequence], vocab_size: int, device_array: Callable, la
         repetition=device_array([s.sampling_params.repetition_penalty for s in seqs], np.float32),
         frequency=device_array([s.sampling_params.frequency_penalty for s in seqs], np.float32),
         presence=device_array([s.sampling_params.presence_penalty for s in seqs], np.float32),
-        prompt_tokens=device_array(padded(prompts), np.int64),
+        prompt_tokens=prompt_tokens.get(seqs, active, vocab_size, device_array),
         output_tokens=output_tokens,
     )
