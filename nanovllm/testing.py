@@ -1,7 +1,8 @@
 """Deterministic maker of Hugging Face-format checkpoints with random weights, for every supported family.
 
 Used by the tests (fp32 ``tiny*`` presets: Qwen3, Qwen2 with yarn, Llama with llama3 rope,
-Mistral, Qwen3-MoE) and by GPU benchmarks (real shapes with random bf16 weights: ``qwen3-0.6b``,
+Mistral, Qwen3-MoE; ``tiny-trained``, a Qwen3 trained for a few seconds on the built-in text so
+that it completes its sentences, for example.py and end-to-end tests) and by GPU benchmarks (real shapes with random bf16 weights: ``qwen3-0.6b``,
 ``qwen3-8b``, ``qwen2.5-7b``, ``llama-3.1-8b``, ``qwen3-30b-a3b``). Everything is built locally:
 a byte-level BPE tokenizer trained on a small built-in text, ``config.json``,
 ``generation_config.json`` and the safetensors weights, written by transformers' own model
@@ -20,6 +21,8 @@ import pathlib
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from nanovllm.testing_training import deterministic_cpu, train_to_recite
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 PAD_TOKEN_ID = 0  # The BPE trainer gives the special tokens the first ids, in this order.
@@ -83,6 +86,7 @@ TINY_ORIGINAL_CONTEXT = 64
 
 PRESETS: dict[str, dict] = {
     "tiny": {**_QWEN3, **_TINY},
+    "tiny-trained": {**_QWEN3, **_TINY},
     "tiny-qwen2": {
         **_QWEN2, **_TINY, "tie_word_embeddings": False,
         "max_position_embeddings": 8 * TINY_ORIGINAL_CONTEXT,
@@ -125,6 +129,10 @@ PRESETS: dict[str, dict] = {
         "max_position_embeddings": 40960, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     },
 }
+
+# Presets trained on TRAINING_TEXT (steps, peak learning rate) from transformers' own initialisation,
+# instead of random weights: they complete the text's sentences (about 10 s on one CPU thread).
+TRAINED_PRESETS: dict[str, tuple[int, float]] = {"tiny-trained": (60, 5e-3)}
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -311,6 +319,17 @@ def build_model(cfg: dict, dtype: torch.dtype, seed: int, num_tokens: int) -> to
     return model
 
 
+def build_trained_model(cfg: dict, seed: int, tokenizer: PreTrainedTokenizerFast, steps: int, lr: float) -> torch.nn.Module:
+    """transformers' own model class for ``cfg``, initialised its own way from ``seed``, then trained on
+    TRAINING_TEXT's lines (each one sequence ending in EOS), deterministically on one CPU thread."""
+    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "torch_dtype"})
+    lines = [tokenizer.encode(line) + [EOS_TOKEN_ID] for line in TRAINING_TEXT.splitlines() if line.strip()]
+    with deterministic_cpu(seed):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        train_to_recite(model, lines, PAD_TOKEN_ID, steps, lr)
+    return model.to(DTYPES[cfg["torch_dtype"]])
+
+
 def _write_json(path: pathlib.Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -323,7 +342,8 @@ def make_checkpoint(
     ``preset`` is a key of PRESETS; ``dtype`` ("float32", "bfloat16" or "float16") overrides the
     preset's torch_dtype; ``eos_token_ids`` (default: the tokenizer's) go to generation_config.json.
     The weights are written by transformers' own model class (``save_pretrained``, shards of at
-    most 4 GB). Returns the folder path. Same arguments give byte-identical files.
+    most 4 GB). Returns the folder path. Same arguments give byte-identical files (for a trained
+    preset: on the same CPU and torch build, as floating-point training depends on both).
     """
     _check_choice("preset", preset, PRESETS)
     if dtype is not None:
@@ -338,7 +358,10 @@ def make_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(out, save_jinja_files=False)
-    model = build_model(cfg, DTYPES[cfg["torch_dtype"]], seed, len(tokenizer))
+    if preset in TRAINED_PRESETS:
+        model = build_trained_model(cfg, seed, tokenizer, *TRAINED_PRESETS[preset])
+    else:
+        model = build_model(cfg, DTYPES[cfg["torch_dtype"]], seed, len(tokenizer))
     model.save_pretrained(out, max_shard_size="4GB")
     del model
     eos = EOS_TOKEN_ID if eos_token_ids is None else list(eos_token_ids)

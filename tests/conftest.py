@@ -27,6 +27,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(make_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny"))
 
 
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The `tiny-trained` checkpoint (about 15 s of training, once per session)."""
+    return str(make_checkpoint(tmp_path_factory.mktemp("trained"), "tiny-trained"))
+
+
 class HFOracle:
     """Greedy continuations from HF transformers' own model class for the checkpoint, in fp32 (memoised)."""
 
