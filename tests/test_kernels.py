@@ -252,7 +252,7 @@ def test_paged_attention_decode(
     dtype: torch.dtype, block_size: int, head_dim: int, num_kv_heads: int, group: int, batch: int, max_context: int
 ) -> None:
     device = _device(dtype)
-    from nanovllm.kernels.paged_attention import paged_attention_decode
+    from nanovllm.kernels.decode_attention import paged_attention_decode
 
     torch.manual_seed(batch * block_size + head_dim + group)
     num_q_heads = num_kv_heads * group
@@ -275,7 +275,7 @@ def test_paged_attention_decode_cuda_graph() -> None:
     device = _device()
     if device.type != "cuda":
         pytest.skip("CUDA graphs need a CUDA device")
-    from nanovllm.kernels.paged_attention import paged_attention_decode
+    from nanovllm.kernels.decode_attention import paged_attention_decode
 
     torch.manual_seed(7)
     dtype, block_size, head_dim, num_kv_heads, num_q_heads, batch = torch.bfloat16, 64, 128, 2, 4, 6

@@ -117,11 +117,11 @@ class TritonBackend(AttentionBackend):
 
     def __init__(self) -> None:
         super().__init__()
-        from nanovllm.kernels import kv_store, paged_attention
+        from nanovllm.kernels import decode_attention, kv_store, paged_attention
 
         self._store = kv_store.store_kvcache
         self._varlen = paged_attention.paged_attention_varlen
-        self._decode = paged_attention.paged_attention_decode
+        self._decode = decode_attention.paged_attention_decode
 
     def store_kvcache(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         self._store(k, v, k_cache, v_cache, self.metadata.slot_mapping)
