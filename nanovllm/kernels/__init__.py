@@ -1,2 +1,2 @@
-"""Triton GPU kernels: paged KV-cache store, paged attention (prefill/varlen and decode), fused
-per-layer elementwise work, one-pass sampling. Imported only on CUDA."""
+"""Triton GPU kernels: paged KV-cache store, paged attention (varlen, decode), fused per-layer
+elementwise work, the MoE grouped GEMM, one-pass sampling. Imported only on CUDA."""
