@@ -206,60 +206,6 @@ def _launch_varlen(
     )
 
 
-def _check_varlen_args(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    out: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    seq_lens: torch.Tensor,
-    block_tables: torch.Tensor,
-    max_seqlen_q: int,
-) -> None:
-    check_cache_and_q(q, k_cache, v_cache, out, block_tables)
-    num_seqs = seq_lens.shape[0]
-    if seq_lens.dim() != 1 or seq_lens.dtype != torch.int32:
-        raise ValueError(f"seq_lens must be int32 [batch], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
-    if cu_seqlens_q.shape != (num_seqs + 1,) or cu_seqlens_q.dtype != torch.int32:
-        raise ValueError(
-            f"cu_seqlens_q must be int32 [{num_seqs + 1}], got {cu_seqlens_q.dtype} {tuple(cu_seqlens_q.shape)}"
-        )
-    if block_tables.shape[0] != num_seqs:
-        raise ValueError(f"block_tables has {block_tables.shape[0]} rows for {num_seqs} sequences")
-    if max_seqlen_q < 1:
-        raise ValueError(f"max_seqlen_q must be >= 1, got {max_seqlen_q}")
-
-
-def _run_varlen(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    out: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    seq_lens: torch.Tensor,
-    block_tables: torch.Tensor,
-    max_seqlen_q: int,
-    scale: float,
-) -> None:
-    """The varlen kernel (sequences of two or more query tokens) with its tile chosen from static facts (dtype, head_dim, GQA group, max_seqlen_q)."""
-    group_pad = triton.next_power_of_2(q.shape[1] // k_cache.shape[2])
-    if q.dtype == torch.float32:
-        max_block_m, block_n = 32, 16
-    elif q.shape[2] > 128:
-        max_block_m, block_n = 64, 32
-    else:
-        max_block_m, block_n = 128, 64
-    block_m = min(max_block_m, max(16, group_pad * triton.next_power_of_2(max_seqlen_q)))
-    block_m = max(block_m, group_pad)
-    num_warps = 8 if block_m >= 128 or q.dtype == torch.float32 else 4
-    # Capping the 128 x 64 tile at 128 registers lets two programs share an SM (measured on
-    # H100: 254 vs 196 TFLOP/s for 256 causal prefills of 560 tokens, head_dim 128).
-    maxnreg = 128 if block_m == 128 and block_n == 64 else None
-    _launch_varlen(
-        q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, scale, block_m, block_n, num_warps, 2, maxnreg
-    )
-
-
 def paged_attention_varlen(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -293,9 +239,37 @@ def paged_attention_varlen(
         max_seqlen_q: an upper bound of the query lengths (host int, used for tiling only).
         scale: softmax scale, usually head_dim ** -0.5.
     """
-    _check_varlen_args(q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q)
-    if seq_lens.shape[0] == 0 or q.shape[0] == 0:
+    check_cache_and_q(q, k_cache, v_cache, out, block_tables)
+    num_seqs = seq_lens.shape[0]
+    if seq_lens.dim() != 1 or seq_lens.dtype != torch.int32:
+        raise ValueError(f"seq_lens must be int32 [batch], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+    if cu_seqlens_q.shape != (num_seqs + 1,) or cu_seqlens_q.dtype != torch.int32:
+        raise ValueError(
+            f"cu_seqlens_q must be int32 [{num_seqs + 1}], got {cu_seqlens_q.dtype} {tuple(cu_seqlens_q.shape)}"
+        )
+    if block_tables.shape[0] != num_seqs:
+        raise ValueError(f"block_tables has {block_tables.shape[0]} rows for {num_seqs} sequences")
+    if max_seqlen_q < 1:
+        raise ValueError(f"max_seqlen_q must be >= 1, got {max_seqlen_q}")
+    if num_seqs == 0 or q.shape[0] == 0:
         return
-    block_n, num_warps = decode_tile(q)
-    launch_decode(q, k_cache, v_cache, out, seq_lens, block_tables, scale, 1, block_n, num_warps, 2, cu_seqlens_q)
-    _run_varlen(q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q, scale)
+    decode_block_n, decode_warps = decode_tile(q)
+    launch_decode(q, k_cache, v_cache, out, seq_lens, block_tables, scale, 1, decode_block_n, decode_warps, 2, cu_seqlens_q)
+    # The varlen kernel (sequences of two or more query tokens), its tile chosen from static facts.
+    group_pad = triton.next_power_of_2(q.shape[1] // k_cache.shape[2])
+    if q.dtype == torch.float32:
+        max_block_m, block_n = 32, 16
+    elif q.shape[2] > 128:
+        max_block_m, block_n = 64, 32
+    else:
+        max_block_m, block_n = 128, 64
+    block_m = min(max_block_m, max(16, group_pad * triton.next_power_of_2(max_seqlen_q)))
+    block_m = max(block_m, group_pad)
+    num_warps = 8 if block_m >= 128 or q.dtype == torch.float32 else 4
+    # Capping the 128 x 64 tile at 128 registers lets two programs share an SM (measured on
+    # H100: 254 vs 196 TFLOP/s for 256 causal prefills of 560 tokens, head_dim 128).
+    maxnreg = 128 if block_m == 128 and block_n == 64 else None
+    _launch_varlen(
+        q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, scale, block_m, block_n, num_warps, 2, maxnreg
+    )
+
