@@ -43,7 +43,8 @@ class StepHandle:
     """A launched step whose sampled tokens may still be on their way to the host.
 
     prompt_spans[i]: (first position, count) of the prompt positions whose logprobs batch row i got in
-    `prompt_logprobs` (token_ids there are the prompt tokens scored), rows in batch order.
+    `prompt_logprobs` (token_ids there are the prompt tokens scored), rows in batch order; empty when
+    no row asked for prompt logprobs.
     """
 
     samples: list[bool]
@@ -247,7 +248,7 @@ class ModelRunner:
         logits = self._execute_on_all_ranks(inputs)
         samples = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(batch.seqs, batch.num_new_tokens)]
         prompt_spans = [(s.num_computed_tokens, num_prompt_logits(s, s.num_computed_tokens, s.num_computed_tokens + n))
-                        for s, n in zip(batch.seqs, batch.num_new_tokens)]
+                        for s, n in zip(batch.seqs, batch.num_new_tokens)] if len(inputs.prompt_targets) else []
         prompt_logprobs = self._prompt_logprobs(batch, logits[len(inputs.logits_indices) :], inputs.prompt_targets)
         logits = logits[: len(inputs.logits_indices)]
         sampling_seqs = [s for s, sampled in zip(batch.seqs, samples) if sampled]
