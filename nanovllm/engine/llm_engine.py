@@ -323,7 +323,8 @@ class LLMEngine:
             while True:
                 with self._lock:
                     self._check_open()
-                    mine = [chunk for request in requests for chunk in request.take_chunks()]
+                    # Once per step over every request of this call: test the outbox before copying it.
+                    mine = [chunk for request in requests if request.outbox for chunk in request.take_chunks()]
                     if not mine:
                         if all(request.finished for request in requests):
                             if self.scheduler.is_finished() and self._in_flight is not None:
