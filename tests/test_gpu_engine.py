@@ -205,44 +205,59 @@ def test_graphed_decode_agrees_with_eager_teacher_forced(tiny_model, vocab_ids, 
     assert max(diffs) <= 0.2, f"largest |graphed - eager| logprob {max(diffs):.3f}, mean {sum(diffs) / len(diffs):.4f}"
 
 
-def worst_margins(hf_model, prompts: list[list[int]], outputs: list[list[int]]) -> list[float]:
-    """Teacher forcing: per prompt, how far below HF fp32's top logit (in logit stds) the worst token of
-    `outputs` ranks, given the prompt and the output before it."""
-    margins = []
-    with torch.inference_mode():
-        for prompt, tokens in zip(prompts, outputs):
-            logits = hf_model(torch.tensor([prompt + tokens[:-1]], device="cuda")).logits[0, len(prompt) - 1 :]
-            chosen = logits.gather(1, torch.tensor(tokens, device="cuda")[:, None]).squeeze(1)
-            margins.append(((logits.max(1).values - chosen) / logits.std(1)).max().item())
-    return margins
+@pytest.fixture(scope="module")
+def recited_0p6b(tmp_path_factory) -> tuple[str, list[int]]:
+    """A Qwen3-0.6B-shaped checkpoint (bf16) trained on CUDA until it recites the checkpoint maker's text
+    (one 1350-token sequence), and that text's token ids.
+
+    Why trained: random real-size weights are chaotic in bf16. Measured on an H200 with the `qwen3-0.6b`
+    preset: HF's own bf16 forward differs from HF fp32 by 2.4-4.0 nats of log-probability per token on
+    the same tokens (ours by 3.8-3.9), so no greedy comparison there can tell a defect from rounding. A
+    model that has memorised a text has peaked, stable logits: bf16 rounding rarely flips its argmax,
+    while a defect (positions, KV blocks, prefix hits, graphs) breaks the recitation."""
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from nanovllm.testing import TRAINING_TEXT, make_checkpoint
+
+    path = make_checkpoint(tmp_path_factory.mktemp("recited"), "qwen3-0.6b")
+    ids = AutoTokenizer.from_pretrained(path)(TRAINING_TEXT).input_ids
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config.from_pretrained(path)).cuda().float().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.0)
+    batch = torch.tensor([ids], device="cuda")
+    for step in range(400):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 10 == 9 and loss.item() < 0.01:
+            break
+    assert loss.item() < 0.05, f"training stopped at loss {loss.item():.3f} after {step + 1} steps"
+    model.to(torch.bfloat16).save_pretrained(path)
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return str(path), ids
 
 
-def test_bf16_production_path_agrees_with_hf(tmp_path):
-    """As users run it (bf16, CUDA graphs, overlap, the default policy, prefix hits) on the Qwen3-0.6B shape,
-    judged by HF transformers in fp32 through teacher forcing, against the same judgement of HF's own bf16
-    greedy outputs: the engine's worst token may rank no further below HF fp32's top than HF bf16's worst
-    (plus one logit std). Whole continuations cannot be compared: on these random weights bf16 rounding
-    flips near-ties, and even HF bf16 parts from HF fp32 within a few tokens (measured on CPU: worst
-    margins of 5.4-11.1 logit stds over 32 tokens)."""
+def test_bf16_production_path_equals_hf_on_a_trained_checkpoint(recited_0p6b):
+    """As users run it (bf16, CUDA graphs, overlap, the default policy, prefix hits) on the Qwen3-0.6B shape:
+    greedy tokens equal HF fp32's on at least 15 of 16 prompts x 32 tokens (prompts: the recited text
+    cut at 16 lengths from 280 to 1300 tokens, so all share their first KV block)."""
     from transformers import Qwen3ForCausalLM
 
-    from nanovllm.testing import make_checkpoint
-
-    path = str(make_checkpoint(tmp_path, "qwen3-0.6b"))
-    prefix = random_prompts(1, 300, 300, 1900, seed=5)[0]
-    prompts = [prefix + p for p in random_prompts(16, 1, 200, 1900, seed=6)]
-    llm = LLM(path, max_model_len=1024, gpu_memory_utilization=0.3)
+    path, ids = recited_0p6b
+    prompts = [ids[:length] for length in range(280, 1301, 68)]
+    llm = LLM(path, max_model_len=2048, gpu_memory_utilization=0.3)
     assert llm.runtime.dtype == torch.bfloat16 and llm.runtime.cuda_graphs and llm.runtime.overlap
     assert llm.config.scheduling_policy == "chunked"
     # The first prompt alone, so that the others find the shared prefix in the cache.
     got = [o["token_ids"] for batch in (prompts[:1], prompts[1:]) for o in llm.generate(batch, GREEDY, use_tqdm=False)]
     assert llm.scheduler.block_manager.num_hit_tokens > 0
     llm.exit()
-    hf_bf16 = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    hf = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     with torch.inference_mode():
-        baseline = [hf_bf16.generate(torch.tensor([p], device="cuda"), max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, len(p):].tolist()
-                    for p in prompts]
-    del hf_bf16
-    hf_fp32 = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
-    ours, theirs = worst_margins(hf_fp32, prompts, got), worst_margins(hf_fp32, prompts, baseline)
-    assert max(ours) <= max(theirs) + 1.0, f"worst margins in logit stds, engine: {ours}; HF bf16: {theirs}"
+        want = [hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, len(p):].tolist()
+                for p in prompts]
+    equal = sum(g == w for g, w in zip(got, want))
+    recited = sum(w == ids[len(p) : len(p) + 32] for p, w in zip(prompts, want))
+    assert equal >= 15, f"{equal} of 16 continuations equal HF fp32's (HF fp32 recites the text on {recited})"
