@@ -97,7 +97,7 @@ def test_rms_norm(dtype: torch.dtype, num_rows: int, hidden_size: int, with_resi
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tokens", [1, 7, 300])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize(("num_q_heads", "num_kv_heads"), [(16, 8), (4, 2)])
+@pytest.mark.parametrize(("num_q_heads", "num_kv_heads"), [(16, 8), (4, 2), (5, 1)])
 def test_qk_norm_rope(
     dtype: torch.dtype, num_tokens: int, head_dim: int, num_q_heads: int, num_kv_heads: int, device: torch.device
 ) -> None:

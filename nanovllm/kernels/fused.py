@@ -100,6 +100,27 @@ def rms_norm(
 
 
 @triton.jit
+def _norm_rope_heads(x_ptr, stride_h, weight_ptr, cos, sin, eps, NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
+                     BLOCK_H: tl.constexpr):
+    """RMS-normalise and rotate, in place, the NUM_HEADS heads of one token starting at x_ptr (head h at
+    x_ptr + h * stride_h); cos and sin: fp32 [BLOCK] for the token's position."""
+    dtype = x_ptr.dtype.element_ty
+    heads = tl.arange(0, BLOCK_H)
+    offs = tl.arange(0, BLOCK)
+    mask = (heads[:, None] < NUM_HEADS) & (offs[None, :] < HALF)
+    ptrs = x_ptr + heads[:, None] * stride_h + offs[None, :]
+    x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)[:, None]
+    w1 = tl.load(weight_ptr + offs, mask=offs < HALF, other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(weight_ptr + HALF + offs, mask=offs < HALF, other=0.0).to(tl.float32)[None, :]
+    n1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    n2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    tl.store(ptrs, (n1 * cos[None, :] - n2 * sin[None, :]).to(dtype), mask=mask)
+    tl.store(ptrs + HALF, (n2 * cos[None, :] + n1 * sin[None, :]).to(dtype), mask=mask)
+
+
+@triton.jit
 def _qk_norm_rope_kernel(
     q_ptr,
     k_ptr,
@@ -114,39 +135,26 @@ def _qk_norm_rope_kernel(
     cos_sin_stride,
     eps,
     NUM_Q_HEADS: tl.constexpr,
+    NUM_K_HEADS: tl.constexpr,
     HALF: tl.constexpr,
     BLOCK: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """RMS-normalise one head of one token, then rotate it, in place.
+    """RMS-normalise every q and k head of one token, then rotate them, in place.
 
-    Grid: (N, NUM_Q_HEADS + num_kv_heads); heads below NUM_Q_HEADS are q's, the rest k's.
-    q: [N, NUM_Q_HEADS, 2 * HALF], k: [N, num_kv_heads, 2 * HALF] (contiguous last dims);
+    Grid: (N,). q: [N, NUM_Q_HEADS, 2 * HALF], k: [N, NUM_K_HEADS, 2 * HALF] (contiguous last dims);
     q_weight, k_weight: [2 * HALF]; cos_sin: fp32 [max_positions, 2 * HALF] as [cos | sin];
-    positions: [N].
+    positions: [N]. One program a token (not a head): a head is only 2 * HALF elements, too little
+    work for a program.
     """
     token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    if head < NUM_Q_HEADS:
-        x_ptr = q_ptr + token * q_stride_n + head * q_stride_h
-        weight_ptr = q_weight_ptr
-    else:
-        x_ptr = k_ptr + token * k_stride_n + (head - NUM_Q_HEADS) * k_stride_h
-        weight_ptr = k_weight_ptr
-    dtype = q_ptr.dtype.element_ty
     offs = tl.arange(0, BLOCK)
-    mask = offs < HALF
-    x1 = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF) + eps)
-    w1 = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    w2 = tl.load(weight_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-    n1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-    n2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     row = cos_sin_ptr + tl.load(positions_ptr + token).to(tl.int64) * cos_sin_stride
-    cos = tl.load(row + offs, mask=mask, other=0.0)
-    sin = tl.load(row + HALF + offs, mask=mask, other=0.0)
-    tl.store(x_ptr + offs, (n1 * cos - n2 * sin).to(dtype), mask=mask)
-    tl.store(x_ptr + HALF + offs, (n2 * cos + n1 * sin).to(dtype), mask=mask)
+    cos = tl.load(row + offs, mask=offs < HALF, other=0.0)
+    sin = tl.load(row + HALF + offs, mask=offs < HALF, other=0.0)
+    _norm_rope_heads(q_ptr + token * q_stride_n, q_stride_h, q_weight_ptr, cos, sin, eps, NUM_Q_HEADS, HALF, BLOCK, BLOCK_Q)
+    _norm_rope_heads(k_ptr + token * k_stride_n, k_stride_h, k_weight_ptr, cos, sin, eps, NUM_K_HEADS, HALF, BLOCK, BLOCK_K)
 
 
 def qk_norm_rope(
@@ -190,7 +198,7 @@ def qk_norm_rope(
         raise ValueError(f"positions must be int32/int64 [{num_tokens}], got {positions.dtype} {tuple(positions.shape)}")
     if num_tokens == 0:
         return
-    _qk_norm_rope_kernel[(num_tokens, num_q_heads + k.shape[1])](
+    _qk_norm_rope_kernel[(num_tokens,)](
         q,
         k,
         q_weight.contiguous(),
@@ -204,9 +212,12 @@ def qk_norm_rope(
         cos_sin.stride(0),
         eps,
         NUM_Q_HEADS=num_q_heads,
+        NUM_K_HEADS=k.shape[1],
         HALF=head_dim // 2,
         BLOCK=triton.next_power_of_2(head_dim // 2),
-        num_warps=1,
+        BLOCK_Q=triton.next_power_of_2(num_q_heads),
+        BLOCK_K=triton.next_power_of_2(k.shape[1]),
+        num_warps=4,
         enable_fp_fusion=False,
     )
 
