@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
+from glob import escape as glob_escape, glob
 
 from transformers import AutoConfig, PretrainedConfig
 
@@ -13,6 +14,8 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTENTION_BACKENDS = ("auto", "flash_attn", "triton", "torch")
 SCHEDULING_POLICIES = ("prefill_first", "chunked")
+# "dummy": random weights on the target device from config.json alone (benchmarks of a model's shape).
+LOAD_FORMATS = ("auto", "dummy")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class Config:
     scheduling_policy: str = "chunked"
     overlap_scheduling: bool | None = None
     skip_tokenizer_init: bool = False
+    load_format: str = "auto"
     hf_config: PretrainedConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -67,6 +71,9 @@ class Config:
         require_choice("dtype", self.dtype, DTYPES)
         require_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         require_choice("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
+        require_choice("load_format", self.load_format, LOAD_FORMATS)
+        if self.load_format == "auto" and not glob(os.path.join(glob_escape(self.model), "*.safetensors")):
+            raise ValueError(f"model folder {self.model!r} has no *.safetensors weights; load_format='dummy' runs its config.json with random weights")
         if self.scheduling_policy == "prefill_first" and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "

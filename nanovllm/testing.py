@@ -6,7 +6,9 @@ that it completes its sentences, for example.py and end-to-end tests) and by GPU
 ``qwen3-8b``, ``qwen2.5-7b``, ``llama-3.1-8b``, ``qwen3-30b-a3b``). Everything is built locally:
 a byte-level BPE tokenizer trained on a small built-in text, ``config.json``,
 ``generation_config.json`` and the safetensors weights, written by transformers' own model
-class. The same preset and seed always give byte-identical files.
+class. The same preset and seed always give byte-identical files. With ``weights=False``
+(``--config-only``) only the config, generation config and tokenizer are written, in a second
+even for a real-size preset: the engine runs such a folder with ``load_format="dummy"``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pathlib
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
 
 from nanovllm.testing_training import deterministic_cpu, train_to_recite
 
@@ -306,10 +308,15 @@ def _init_weights(model: torch.nn.Module, seed: int, num_tokens: int) -> None:
             _fill_normal(data, gain / math.sqrt(fan_in), gen)
 
 
+def build_config(cfg: dict) -> PretrainedConfig:
+    """transformers' config for a preset dict (its torch_dtype is the dtype the model is built in)."""
+    return AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "torch_dtype"})
+
+
 def build_model(cfg: dict, dtype: torch.dtype, seed: int, num_tokens: int) -> torch.nn.Module:
     """transformers' own model class for ``cfg`` with random weights, each allocated once (built on
     the meta device, then given storage and filled in place)."""
-    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "torch_dtype"})
+    config = build_config(cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.to_empty(device="cpu")
@@ -322,7 +329,7 @@ def build_model(cfg: dict, dtype: torch.dtype, seed: int, num_tokens: int) -> to
 def build_trained_model(cfg: dict, seed: int, tokenizer: PreTrainedTokenizerFast, steps: int, lr: float) -> torch.nn.Module:
     """transformers' own model class for ``cfg``, initialised its own way from ``seed``, then trained on
     TRAINING_TEXT's lines (each one sequence ending in EOS), deterministically on one CPU thread."""
-    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "torch_dtype"})
+    config = build_config(cfg)
     lines = [tokenizer.encode(line) + [EOS_TOKEN_ID] for line in TRAINING_TEXT.splitlines() if line.strip()]
     with deterministic_cpu(seed):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -335,14 +342,16 @@ def _write_json(path: pathlib.Path, data: dict) -> None:
 
 
 def make_checkpoint(
-    path: str | os.PathLike, preset: str = "tiny", seed: int = 0, dtype: str | None = None, eos_token_ids: list[int] | None = None
+    path: str | os.PathLike, preset: str = "tiny", seed: int = 0, dtype: str | None = None, eos_token_ids: list[int] | None = None,
+    weights: bool = True,
 ) -> pathlib.Path:
     """Write a checkpoint folder (config, generation config, tokenizer, weights) to ``path``.
 
     ``preset`` is a key of PRESETS; ``dtype`` ("float32", "bfloat16" or "float16") overrides the
     preset's torch_dtype; ``eos_token_ids`` (default: the tokenizer's) go to generation_config.json.
     The weights are written by transformers' own model class (``save_pretrained``, shards of at
-    most 4 GB). Returns the folder path. Same arguments give byte-identical files (for a trained
+    most 4 GB); with ``weights=False`` none are written and config.json is the one they would come
+    with (for ``load_format="dummy"``). Returns the folder path. Same arguments give byte-identical files (for a trained
     preset: on the same CPU and torch build, as floating-point training depends on both).
     """
     _check_choice("preset", preset, PRESETS)
@@ -358,26 +367,29 @@ def make_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(out, save_jinja_files=False)
-    if preset in TRAINED_PRESETS:
-        model = build_trained_model(cfg, seed, tokenizer, *TRAINED_PRESETS[preset])
+    if not weights:
+        config = build_config(cfg)
+        config.dtype = DTYPES[cfg["torch_dtype"]]
+        config.save_pretrained(out)
+    elif preset in TRAINED_PRESETS:
+        build_trained_model(cfg, seed, tokenizer, *TRAINED_PRESETS[preset]).save_pretrained(out, max_shard_size="4GB")
     else:
-        model = build_model(cfg, DTYPES[cfg["torch_dtype"]], seed, len(tokenizer))
-    model.save_pretrained(out, max_shard_size="4GB")
-    del model
+        build_model(cfg, DTYPES[cfg["torch_dtype"]], seed, len(tokenizer)).save_pretrained(out, max_shard_size="4GB")
     eos = EOS_TOKEN_ID if eos_token_ids is None else list(eos_token_ids)
     _write_json(out / "generation_config.json", {"bos_token_id": None, "eos_token_id": eos, "pad_token_id": PAD_TOKEN_ID})
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m nanovllm.testing DIR [--preset P] [--seed N] [--dtype D]``."""
+    """CLI: ``python -m nanovllm.testing DIR [--preset P] [--seed N] [--dtype D] [--config-only]``."""
     parser = argparse.ArgumentParser(prog="python -m nanovllm.testing", description=__doc__.splitlines()[0])
     parser.add_argument("dir", help="output folder (created if missing)")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="override the preset's torch_dtype")
+    parser.add_argument("--config-only", action="store_true", help="no weights: config, generation config and tokenizer (for load_format='dummy')")
     args = parser.parse_args(argv)
-    print(make_checkpoint(args.dir, args.preset, args.seed, args.dtype))
+    print(make_checkpoint(args.dir, args.preset, args.seed, args.dtype, weights=not args.config_only))
 
 
 if __name__ == "__main__":

@@ -181,7 +181,7 @@ def test_llm_rejects_unusable_folders(tiny_model, tmp_path):
         LLM(str(no_config), device="cpu")
     no_weights = tmp_path / "no_weights"
     shutil.copytree(tiny_model, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
-    with pytest.raises(FileNotFoundError, match="safetensors"):
+    with pytest.raises(ValueError, match="no \\*.safetensors weights"):
         LLM(str(no_weights), device="cpu", num_kvcache_blocks=64)
 
 

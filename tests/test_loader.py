@@ -13,8 +13,11 @@ from transformers import AutoConfig
 from conftest import make_llm
 
 from nanovllm import SamplingParams
+from nanovllm.config import Config
+from nanovllm.layers.fused_moe import SparseMoeBlock, select_experts
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
-from nanovllm.utils.loader import load_model
+from nanovllm.testing import make_checkpoint
+from nanovllm.utils.loader import fill_dummy_weights, load_model
 
 Q_DIM, KV_DIM, HIDDEN, INTER = 4 * 64, 2 * 64, 128, 256
 
@@ -116,11 +119,6 @@ def test_wrong_shape_names_the_tensor(tiny_model, weights, tmp_path, name, shape
         loaded(path)
 
 
-def test_no_weights(tiny_model, tmp_path):
-    path = variant(tiny_model, tmp_path / "ckpt", [{}])
-    (tmp_path / "ckpt" / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="safetensors"):
-        loaded(path)
 
 
 def test_sharded_checkpoint_loads_the_same(tiny_model, weights, tmp_path):
@@ -155,3 +153,84 @@ def test_untied_model_needs_its_own_lm_head(tiny_model, weights, tmp_path):
     missing = variant(tiny_model, tmp_path / "untied_missing", [weights], tie_word_embeddings=False)
     with pytest.raises(ValueError, match="missing tensors for: lm_head.weight"):
         loaded(missing)
+
+
+# ---- load_format="dummy": a folder with config.json and tokenizer only -------------------------
+
+
+@pytest.fixture(scope="module")
+def config_only_moe(tmp_path_factory) -> str:
+    return str(make_checkpoint(tmp_path_factory.mktemp("moe-config-only"), "tiny-qwen3-moe", weights=False))
+
+
+def test_config_only_folder_has_the_checkpoints_config_and_no_weights(config_only_moe, tmp_path):
+    full = make_checkpoint(tmp_path / "full", "tiny-qwen3-moe")
+    folder = pathlib.Path(config_only_moe)
+    assert not list(folder.glob("*.safetensors*"))
+    for name in ("config.json", "generation_config.json", "tokenizer.json"):
+        assert (folder / name).read_text() == (full / name).read_text(), name
+
+
+def test_auto_on_a_folder_without_weights_names_it(config_only_moe):
+    with pytest.raises(ValueError, match=f"{config_only_moe}.*no \\*.safetensors.*load_format='dummy'"):
+        make_llm(config_only_moe)
+    with pytest.raises(ValueError, match="load_format must be one of"):
+        Config(config_only_moe, load_format="random")
+
+
+def test_dummy_fill_is_seeded_finite_and_spread(tiny_model):
+    def filled(seed: int) -> dict[str, torch.Tensor]:
+        model = build(tiny_model)
+        fill_dummy_weights(model, seed)
+        return dict(model.named_parameters())
+
+    first, again, other = filled(0), filled(0), filled(1)
+    for name, param in first.items():
+        assert torch.isfinite(param).all() and param.std() > 0, name
+        assert torch.equal(param, again[name]), name
+        assert not torch.equal(param, other[name]), name
+    assert first["model.norm.weight"].min() > 0.5 and first["model.layers.0.mlp.down_proj.weight"].abs().max() < 0.1
+
+
+def routed_experts(llm) -> list[torch.Tensor]:
+    """Records, per MoE layer and forward, the experts the router picks (a hook on each router)."""
+    picks: list[torch.Tensor] = []
+    for block in llm.model_runner.model.modules():
+        if isinstance(block, SparseMoeBlock):
+            block.gate.register_forward_hook(lambda m, args, logits, k=block.top_k: picks.append(select_experts(logits, k, True)[1]))
+    return picks
+
+
+def test_dummy_bf16_generates_finite_logits_through_48_layers_and_routes_to_every_expert(config_only_moe, tmp_path):
+    deep = tmp_path / "deep"
+    shutil.copytree(config_only_moe, deep)
+    config = json.loads((deep / "config.json").read_text())
+    config.update(num_hidden_layers=48, max_window_layers=48, mlp_only_layers=[])
+    (deep / "config.json").write_text(json.dumps(config))
+    prompts = [[3 + (7 * i + 13 * j) % 1800 for j in range(5 + i % 7)] for i in range(32)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1)
+    runs = []
+    for _ in range(2):
+        llm = make_llm(str(deep), load_format="dummy", dtype="bfloat16")
+        picks = routed_experts(llm)
+        runs.append(llm.generate(prompts, params, use_tqdm=False))
+        llm.exit()
+    assert [o["token_ids"] for o in runs[0]] == [o["token_ids"] for o in runs[1]]
+    assert len({tuple(o["token_ids"]) for o in runs[0]}) > 16
+    logprobs = torch.tensor([lp.logprob for o in runs[0] for step in o["logprobs"] for lp in step.values()])
+    assert torch.isfinite(logprobs).all() and logprobs.std() > 0
+    decode_picks = [ids for ids in picks if ids.shape[0] == len(prompts)]
+    assert len(decode_picks) == 48 * 5
+    # As uniform routing would: each expert gets about 1/8 of the picks, and every router spreads its 32 tokens.
+    loads = torch.stack([torch.bincount(ids.flatten(), minlength=8) for ids in decode_picks])
+    share = loads.sum(0) / loads.sum()
+    assert share.min() > 0.09 and share.max() < 0.16, share
+    assert (loads > 0).sum(1).min() >= 6 and loads.max() <= 20, loads
+
+
+def test_dummy_tensor_parallel_gloo(config_only_moe):
+    prompts = [[5, 17, 300, 42, 7], list(range(3, 60))]
+    llm = make_llm(config_only_moe, load_format="dummy", tensor_parallel_size=2)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    llm.exit()
+    assert [len(o["token_ids"]) for o in outputs] == [4, 4]

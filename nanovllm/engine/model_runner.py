@@ -18,7 +18,7 @@ from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.attention import Attention, AttentionMetadata, select_backend
 from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingTensors, gather_logprobs
 from nanovllm.models.registry import resolve_model_class
-from nanovllm.utils.loader import load_model
+from nanovllm.utils.loader import fill_dummy_weights, load_model
 from nanovllm.utils.parallel import TPGroup, building_with, create_store
 
 logger = logging.getLogger("nanovllm")
@@ -107,7 +107,10 @@ class ModelRunner:
                 self.model = resolve_model_class(hf)(hf, config.max_model_len)
         finally:
             torch.set_default_dtype(default_dtype)
-        load_model(self.model, config.model)
+        if config.load_format == "dummy":
+            fill_dummy_weights(self.model)
+        else:
+            load_model(self.model, config.model)
         self.sampler = Sampler()
         self.vocab_size = hf.vocab_size
         self.max_blocks_per_seq = (config.max_model_len + self.block_size - 1) // self.block_size

@@ -3,10 +3,13 @@
 The model maps checkpoint names to its parameters (`weight_target`: stacked q/k/v, gate/up,
 experts); parameters that several checkpoint tensors fill list their parts in `shard_ids`.
 Weight loaders get a `CheckpointTensor`, so a tensor-parallel rank reads only its slice.
+`load_format="dummy"` reads no file: `fill_dummy_weights` gives every parameter random values.
 """
 from __future__ import annotations
 
+import math
 import os
+import zlib
 from glob import glob
 
 import torch
@@ -54,14 +57,12 @@ def _expected_parts(model: nn.Module) -> set[tuple[str, object]]:
 def load_model(model: nn.Module, path: str) -> None:
     """Copy every tensor of `path/*.safetensors` into `model`.
 
-    Raises FileNotFoundError when there are no shards, and ValueError naming the tensor when a
+    Precondition: the folder has shards (Config checks it). Raises ValueError naming the tensor when a
     checkpoint tensor has no parameter or does not fit it, or a parameter (or shard of a packed
     one) is never filled.
     A checkpoint's `lm_head.weight` is ignored when the model ties it to the embedding.
     """
     files = sorted(glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {path!r}")
     params = dict(model.named_parameters())
     tied = getattr(model, "tie_word_embeddings", False)
     loaded: set[tuple[str, object]] = set()
@@ -87,3 +88,30 @@ def load_model(model: nn.Module, path: str) -> None:
     missing = sorted(f"{name}" + (f" (shard {shard!r})" if shard is not None else "") for name, shard in _expected_parts(model) - loaded)
     if missing:
         raise ValueError(f"checkpoint {path!r} is missing tensors for: {', '.join(missing)}")
+
+
+# Dummy weights: RMSNorm weights in 1 +- _DUMMY_NORM_NOISE, biases in +- _DUMMY_BIAS, the rest in +- 1/sqrt(fan_in).
+_DUMMY_NORM_NOISE = 0.1
+_DUMMY_BIAS = 0.1
+
+
+def fill_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Fill every parameter in place with uniform random values, on its own device (no file is read).
+
+    For benchmarks of a model's shape (vLLM's load_format="dummy"). The scales keep bf16 activations
+    O(1) through any depth and make the MoE router's logits spread (std about 0.6), so tokens reach
+    many experts: 1-D weights (RMSNorm) 1 +- 0.1, biases +- 0.1, matrices (embeddings, projections,
+    router, experts) +- 1/sqrt(fan_in), fan_in being the last dimension. Each parameter's generator
+    is seeded from `seed` and its name, so the values do not depend on the order of the parameters
+    and tensor-parallel ranks fill their replicated parameters alike.
+    """
+    for name, param in model.named_parameters():
+        gen = torch.Generator(param.device).manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+        if name.endswith("bias"):
+            low, high = -_DUMMY_BIAS, _DUMMY_BIAS
+        elif param.dim() == 1:
+            low, high = 1 - _DUMMY_NORM_NOISE, 1 + _DUMMY_NORM_NOISE
+        else:
+            high = 1 / math.sqrt(param.shape[-1])
+            low = -high
+        param.data.uniform_(low, high, generator=gen)
