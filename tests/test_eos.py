@@ -9,7 +9,7 @@ from conftest import HFOracle, make_llm, random_prompts
 
 from nanovllm import SamplingParams
 from nanovllm.testing import EOS_TOKEN_ID
-from nanovllm.utils.generation_config import eos_token_ids
+from nanovllm.utils.generation_config import eos_token_ids, read_generation_config
 
 
 def with_eos(tiny_model: str, folder, eos: list[int]) -> str:
@@ -27,10 +27,11 @@ def first_new_tokens(tokens: list[int]) -> list[tuple[int, int]]:
 
 def test_reader_unions_generation_config_and_tokenizer(tiny_model, tmp_path):
     path = with_eos(tiny_model, tmp_path / "two", [7, 9])
-    assert eos_token_ids(path, EOS_TOKEN_ID) == {7, 9, EOS_TOKEN_ID}
-    assert eos_token_ids(tiny_model, None) == {EOS_TOKEN_ID}
+    assert eos_token_ids(read_generation_config(path), EOS_TOKEN_ID) == {7, 9, EOS_TOKEN_ID}
+    assert eos_token_ids(read_generation_config(tiny_model), None) == {EOS_TOKEN_ID}
     (tmp_path / "two" / "generation_config.json").unlink()
-    assert eos_token_ids(path, None, 5) == {5}
+    assert read_generation_config(path) == {}
+    assert eos_token_ids({}, None, 5) == {5}
 
 
 def test_generation_stops_on_either_listed_eos(tiny_model, tmp_path, vocab_ids):

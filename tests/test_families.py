@@ -75,6 +75,7 @@ def _with_config(tiny_model: str, folder, **changes: object) -> str:
 @pytest.mark.parametrize("changes, message", [
     ({"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe"}, r"\['Qwen2MoeForCausalLM'\] is not supported; supported architectures: LlamaForCausalLM, MistralForCausalLM"),
     ({"architectures": None, "model_type": "llama"}, "None is not supported"),
+    ({"hidden_act": "gelu"}, "Qwen3ForCausalLM with hidden_act 'gelu' is not supported"),
 ])
 def test_unsupported_architecture_fails_before_any_process(tiny_model, tmp_path, changes, message):
     path = _with_config(tiny_model, tmp_path / "ckpt", **changes)

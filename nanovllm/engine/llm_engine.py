@@ -21,7 +21,7 @@ from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampler import SamplerOutput
 from nanovllm.outputs import RequestOutput, StreamChunk
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.generation_config import eos_token_ids, sampling_defaults
+from nanovllm.utils.generation_config import eos_token_ids, read_generation_config, sampling_defaults
 from nanovllm.utils.parallel import create_store
 
 
@@ -47,8 +47,9 @@ class LLMEngine:
         self.config = Config.from_kwargs(model, **kwargs)
         self.tokenizer = None if self.config.skip_tokenizer_init else load_tokenizer(self.config.model)
         tokenizer_eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
-        self.eos_token_ids = eos_token_ids(self.config.model, tokenizer_eos, getattr(self.config.hf_config, "eos_token_id", None))
-        self.default_sampling_params = SamplingParams(**sampling_defaults(self.config.model))
+        generation_config = read_generation_config(self.config.model)
+        self.eos_token_ids = eos_token_ids(generation_config, tokenizer_eos, getattr(self.config.hf_config, "eos_token_id", None))
+        self.default_sampling_params = SamplingParams(**sampling_defaults(generation_config))
         self.model_runner = self._start_model_runners()
         # Runs once: on exit(), when the engine is garbage-collected, or at interpreter exit.
         # It holds what must be released, never the engine itself.

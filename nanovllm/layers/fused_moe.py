@@ -55,14 +55,13 @@ class FusedExperts(nn.Module):
     """All experts' weights of one layer: `gate_up_proj` [E, 2I/tp, H] and `down_proj` [E, H, I/tp].
 
     Filled from per-expert checkpoint tensors: shard (e, 0) / (e, 1) is expert e's gate / up
-    projection [I, H], shard e of `down_proj` its down projection [H, I].
+    projection [I, H], shard e of `down_proj` its down projection [H, I]. Precondition: the group's
+    size divides intermediate_size (Config checks moe_intermediate_size).
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.group = tp_group()
-        if intermediate_size % self.group.size:
-            raise ValueError(f"moe_intermediate_size {intermediate_size} is not divisible by tensor_parallel_size {self.group.size}")
         self.intermediate_size = intermediate_size
         self.local_size = intermediate_size // self.group.size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * self.local_size, hidden_size), requires_grad=False)
@@ -86,10 +85,8 @@ class FusedExperts(nn.Module):
 class SparseMoeBlock(nn.Module):
     """Router (`gate`, replicated on every rank) + experts; [N, H] -> [N, H]."""
 
-    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, renormalize: bool, hidden_act: str) -> None:
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, renormalize: bool) -> None:
         super().__init__()
-        if hidden_act != "silu":
-            raise ValueError(f"hidden_act {hidden_act!r} is not supported (only 'silu')")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"num_experts_per_tok must be in [1, num_experts={num_experts}], got {top_k}")
         self.top_k = top_k

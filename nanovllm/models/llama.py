@@ -64,10 +64,9 @@ class DenseAttention(nn.Module):
 
 
 class DenseMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+        """SiLU-gated (the registry refuses any other hidden_act)."""
         super().__init__()
-        if hidden_act != "silu":
-            raise ValueError(f"hidden_act {hidden_act!r} is not supported (only 'silu')")
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
         self.act_fn = SiluAndMul()
@@ -81,7 +80,7 @@ MLPFactory = Callable[[PretrainedConfig, int], nn.Module]
 
 
 def dense_mlp(switches: DenseSwitches) -> MLPFactory:
-    return lambda config, index: DenseMLP(config.hidden_size, config.intermediate_size, config.hidden_act, switches.mlp_bias)
+    return lambda config, index: DenseMLP(config.hidden_size, config.intermediate_size, switches.mlp_bias)
 
 
 class DecoderLayer(nn.Module):

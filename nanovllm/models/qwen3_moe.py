@@ -26,10 +26,10 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
     def mlp_factory(self, config: PretrainedConfig, switches: DenseSwitches) -> MLPFactory:
         def build(config: PretrainedConfig, index: int):
             if not is_sparse_layer(config, index):
-                return DenseMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+                return DenseMLP(config.hidden_size, config.intermediate_size)
             return SparseMoeBlock(
                 config.num_experts, config.num_experts_per_tok, config.hidden_size, config.moe_intermediate_size,
-                bool(config.norm_topk_prob), config.hidden_act,
+                bool(config.norm_topk_prob),
             )
 
         return build

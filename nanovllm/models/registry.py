@@ -42,10 +42,14 @@ def sliding_window_layers(hf_config: object) -> list[int]:
 def check_supported(hf_config: object, max_model_len: int) -> str:
     """The architecture name, after refusing configs this engine would run differently from HF.
 
-    Sliding-window attention is not implemented: a layer that would need it (its window shorter
-    than max_model_len) is refused; a window >= max_model_len never masks anything, so it runs.
+    The MLPs (dense and experts) are SiLU-gated only. Sliding-window attention is not implemented:
+    a layer that would need it (its window shorter than max_model_len) is refused; a window >=
+    max_model_len never masks anything, so it runs.
     """
     name = architecture(hf_config)
+    hidden_act = getattr(hf_config, "hidden_act", "silu")
+    if hidden_act != "silu":
+        raise ValueError(f"{name} with hidden_act {hidden_act!r} is not supported (only 'silu')")
     layers = sliding_window_layers(hf_config)
     window = getattr(hf_config, "sliding_window", None)
     if layers and window < max_model_len:

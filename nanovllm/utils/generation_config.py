@@ -20,10 +20,10 @@ def _as_ids(value: object) -> set[int]:
     return {int(v) for v in value} if isinstance(value, (list, tuple)) else {int(value)}
 
 
-def eos_token_ids(model: str, tokenizer_eos: int | None, config_eos: object = None) -> frozenset[int]:
+def eos_token_ids(generation_config: dict, tokenizer_eos: int | None, config_eos: object = None) -> frozenset[int]:
     """Every token id that ends generation: generation_config.json's `eos_token_id` (an int or a
     list: Qwen3 and Llama 3 list several) plus the tokenizer's; config.json's only when neither has one."""
-    ids = _as_ids(read_generation_config(model).get("eos_token_id")) | _as_ids(tokenizer_eos)
+    ids = _as_ids(generation_config.get("eos_token_id")) | _as_ids(tokenizer_eos)
     return frozenset(ids or _as_ids(config_eos))
 
 
@@ -31,7 +31,6 @@ def eos_token_ids(model: str, tokenizer_eos: int | None, config_eos: object = No
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
-def sampling_defaults(model: str) -> dict:
+def sampling_defaults(generation_config: dict) -> dict:
     """The SamplingParams keyword arguments the checkpoint recommends (those present and not null)."""
-    config = read_generation_config(model)
-    return {key: config[key] for key in SAMPLING_DEFAULT_KEYS if config.get(key) is not None}
+    return {key: generation_config[key] for key in SAMPLING_DEFAULT_KEYS if generation_config.get(key) is not None}
