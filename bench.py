@@ -1,11 +1,18 @@
 """Throughput benchmark on a named workload (benchmarks/workloads.py: nano, short, prefix, long), with
 the hardware floor measured in the same run; `--itl` and `--kernel-profile` are separate measurements.
 
-Without --model it writes a random-weight checkpoint to a temp dir (qwen3-0.6b on CUDA, tiny on CPU).
-nano-vLLM on the same workload: `bash benchmarks/run_peer.sh --model DIR --workload NAME`.
+Without --model it writes a random-weight checkpoint of --preset to a temp dir (qwen3-0.6b on CUDA,
+tiny on CPU); with --load-format dummy only its config and tokenizer (the engine makes random weights on
+the device: real-size presets such as llama-3.1-8b or qwen3-30b-a3b then need no disk and start in seconds).
+nano-vLLM on the same workload: `bash benchmarks/run_peer.sh --model DIR --workload NAME` (dense Qwen3 only).
 
-floor = (KV bytes read by all decode steps + weight bytes x decode steps) / measured copy bandwidth
+floor = (KV bytes read by all decode steps + weight bytes read by the steps that decode) / measured copy bandwidth
         + prefill FLOPs / measured matmul rate
+A step that decodes reads every weight except the input embedding table (only its rows; a tied table is
+read whole by the LM head); of a MoE layer only the experts its tokens touch, counted as uniform routing
+would touch them: E * (1 - (1 - k/E)^tokens) of E experts (a random-weight router spreads tokens so).
+Prefill FLOPs per prompt token: 2 x the active matrix parameters (k of E experts, no embedding, no LM
+head), plus attention, plus the LM head once per prompt.
 """
 from __future__ import annotations
 
@@ -20,7 +27,9 @@ import torch
 
 from benchmarks.workloads import WORKLOADS, Workload, make_workload, max_prompt_id
 from nanovllm import LLM, SamplingParams
-from nanovllm.testing import make_checkpoint
+from nanovllm.config import LOAD_FORMATS
+from nanovllm.layers.fused_moe import SparseMoeBlock
+from nanovllm.testing import PRESETS, make_checkpoint
 
 
 def _timed(fn, device: torch.device, repeats: int) -> float:
@@ -52,34 +61,77 @@ def measure_matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / _timed(lambda: a @ b, device, 10)
 
 
+def expected_experts_touched(num_experts: int, top_k: int, tokens: int) -> float:
+    """Distinct experts `tokens` tokens reach when each picks top_k of num_experts uniformly at random."""
+    return num_experts * (1 - (1 - top_k / num_experts) ** tokens)
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """The model's parameters by how a step uses them (whole model: one rank's count x tp, replicated ones included).
+
+    dense: matrices every token multiplies (no embedding, no LM head); experts: all routed experts'
+    parameters, of which a token uses top_k / num_experts; read_whole: what a decoding step reads
+    besides the experts (dense + LM head + norms, the embedding table only when it is the tied head)."""
+
+    dense: int
+    experts: int
+    read_whole: int
+    num_experts: int = 1
+    top_k: int = 1
+
+    @classmethod
+    def of(cls, llm: LLM) -> ModelParams:
+        model, tp = llm.model_runner.model, llm.config.tensor_parallel_size
+        blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+        expert_ids = {id(p) for block in blocks for p in block.experts.parameters()}
+        named = dict(model.named_parameters())
+        experts = sum(p.numel() for p in named.values() if id(p) in expert_ids)
+        embedding = sum(p.numel() for n, p in named.items() if "embed_tokens" in n)
+        head = sum(p.numel() for n, p in named.items() if n.startswith("lm_head"))
+        total = sum(p.numel() for p in named.values())
+        read_whole = total - experts - (0 if model.tie_word_embeddings else embedding)
+        moe = (blocks[0].experts.gate_up_proj.shape[0], blocks[0].top_k) if blocks else (1, 1)
+        return cls(tp * (total - experts - embedding - head), tp * experts, tp * read_whole, *moe)
+
+    def bytes_read(self, tokens: int, itemsize: int) -> float:
+        """Weight bytes a step of `tokens` tokens reads (see the module docstring for the experts)."""
+        touched = expected_experts_touched(self.num_experts, self.top_k, tokens) / self.num_experts if self.experts else 0.0
+        return (self.read_whole + self.experts * touched) * itemsize
+
+    @property
+    def active(self) -> float:
+        """Matrix parameters one token multiplies (k of E experts)."""
+        return self.dense + self.experts * self.top_k / self.num_experts
+
+
 @dataclass
 class Floor:
     kv_bytes: float
     weight_bytes: float
     prefill_flops: float
-    decode_steps: int
 
     def seconds(self, bandwidth: float, matmul_rate: float) -> float:
-        return (self.kv_bytes + self.weight_bytes * self.decode_steps) / bandwidth + self.prefill_flops / matmul_rate
+        return (self.kv_bytes + self.weight_bytes) / bandwidth + self.prefill_flops / matmul_rate
 
 
-def workload_floor(llm: LLM, workload: Workload, decode_steps: int) -> Floor:
-    """Bytes and FLOPs the workload cannot avoid (one rank's share under TP is not modelled: whole model)."""
+def workload_floor(llm: LLM, workload: Workload, step_tokens: list[int]) -> Floor:
+    """Bytes and FLOPs the workload cannot avoid (one rank's share under TP is not modelled: whole model).
+    step_tokens: the token count of every step that decodes (decode and mixed steps)."""
     hf = llm.config.hf_config
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     itemsize = llm.runtime.dtype.itemsize
     kv_per_token = 2 * hf.num_hidden_layers * hf.num_key_value_heads * head_dim * itemsize
-    model = llm.model_runner.model
-    weight_bytes = sum(p.numel() for p in model.parameters()) * itemsize * llm.config.tensor_parallel_size
-    linear_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n) * llm.config.tensor_parallel_size
+    params = ModelParams.of(llm)
+    weight_bytes = sum(params.bytes_read(tokens, itemsize) for tokens in step_tokens)
     kv_tokens = 0
     prefill_flops = 0.0
     for prompt, t in zip(workload.prompts, workload.max_tokens):
         p = len(prompt)
         kv_tokens += sum(p + j - 1 for j in range(2, t + 1))
         attention = 4 * hf.num_hidden_layers * hf.num_attention_heads * head_dim * p * (p + 1) / 2
-        prefill_flops += 2 * linear_params * p + attention + 2 * hf.vocab_size * hf.hidden_size
-    return Floor(kv_tokens * kv_per_token, weight_bytes, prefill_flops, decode_steps)
+        prefill_flops += 2 * params.active * p + attention + 2 * hf.vocab_size * hf.hidden_size
+    return Floor(kv_tokens * kv_per_token, weight_bytes, prefill_flops)
 
 
 def step_kind(batch) -> str:
@@ -99,6 +151,7 @@ class StepProfiler:
 
     def __init__(self, llm: LLM, gpu_timeline: bool) -> None:
         self.host_s: dict[str, list[float]] = {kind: [] for kind in self.KINDS}
+        self.decoding_step_tokens: list[int] = []  # tokens of each decode or mixed step
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event, str]] = []
         self.gpu_timeline = gpu_timeline and llm.runtime.device.type == "cuda"
         self._kind: str | None = None
@@ -113,6 +166,8 @@ class StepProfiler:
 
     def _marked_launch(self, batch, eos_token_id):
         self._kind = step_kind(batch)
+        if self._kind != "prefill":
+            self.decoding_step_tokens.append(batch.num_tokens)
         if not self.gpu_timeline:
             return self._launch(batch, eos_token_id)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -163,16 +218,15 @@ def run_throughput(llm: LLM, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     llm.generate(workload.prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    # Steps that read every weight for their decode rows: decode and mixed steps.
-    weight_reads = profiler.decode_steps + len(profiler.host_s["mixed"])
     device = llm.runtime.device
     bandwidth = measure_copy_bandwidth(device)
     matmul_rate = measure_matmul_rate(device, llm.runtime.dtype)
-    floor = workload_floor(llm, workload, weight_reads)
+    floor = workload_floor(llm, workload, profiler.decoding_step_tokens)
     total_tokens = workload.output_tokens
     figures = {
         "workload": workload.name, "total_tokens": total_tokens, "seconds": round(elapsed, 3), "tok_per_s": round(total_tokens / elapsed, 1),
-        "achieved_GBps": round((floor.kv_bytes + floor.weight_bytes * weight_reads) / elapsed / 1e9, 1),
+        "achieved_GBps": round((floor.kv_bytes + floor.weight_bytes) / elapsed / 1e9, 1),
+        "weight_GB_read": round(floor.weight_bytes / 1e9, 1), "kv_GB_read": round(floor.kv_bytes / 1e9, 1),
         "copy_GBps": round(bandwidth / 1e9, 1), "matmul_TFLOPs": round(matmul_rate / 1e12, 1),
         "preemptions": llm.scheduler.num_preemptions, **profiler.summary(),
     }
@@ -260,8 +314,10 @@ def run_kernel_profile(llm: LLM, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="HF Qwen3 folder (default: build a random-weight checkpoint)")
-    parser.add_argument("--preset", choices=["tiny", "qwen3-0.6b"], help="checkpoint preset when --model is absent")
+    parser.add_argument("--model", help="HF model folder (default: build a random-weight checkpoint of --preset)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="checkpoint preset when --model is absent (default: qwen3-0.6b on CUDA, tiny on CPU)")
+    parser.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
+                        help="dummy: random weights made on the device (without --model: a config-only preset folder)")
     parser.add_argument("--workload", choices=WORKLOADS, default="nano", help="named workload (benchmarks/workloads.py)")
     parser.add_argument("--num-seqs", type=int, default=256, help="batch of the --kernel-profile measurement")
     parser.add_argument("--max-model-len", type=int, default=4096)
@@ -286,18 +342,20 @@ def main() -> None:
     if model is None:
         preset = args.preset or ("qwen3-0.6b" if on_cuda else "tiny")
         scratch = tempfile.TemporaryDirectory(prefix="nanovllm-bench-")
-        model = str(make_checkpoint(scratch.name, preset))
-        print(f"no --model: built a random-weight {preset} checkpoint in {model}")
+        dummy = args.load_format == "dummy"
+        model = str(make_checkpoint(scratch.name, preset, weights=not dummy))
+        print(f"no --model: built a {'config-only' if dummy else 'random-weight'} {preset} checkpoint in {model}")
     start = time.perf_counter()
     llm = LLM(model, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
               tensor_parallel_size=args.tp, attention_backend=args.attention_backend, scheduling_policy=args.scheduling_policy,
-              device=args.device, overlap_scheduling=False if args.no_overlap else None)
+              device=args.device, overlap_scheduling=False if args.no_overlap else None, load_format=args.load_format)
     startup_s = time.perf_counter() - start
     device = llm.runtime.device
     figures = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "backend": llm.runtime.attention_backend,
         "cuda_graphs": llm.runtime.cuda_graphs, "overlap": llm.runtime.overlap, "policy": args.scheduling_policy,
         "kv_blocks": llm.runtime.num_kvcache_blocks, "tp": args.tp, "startup_s": round(startup_s, 1),
+        "model": llm.config.hf_config.architectures[0], "load_format": args.load_format,
         **(run_itl(llm, args) if args.itl else run_kernel_profile(llm, args) if args.kernel_profile else run_throughput(llm, args)),
     }
     line = json.dumps(figures)

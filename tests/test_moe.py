@@ -1,11 +1,17 @@
 """MoE: the router matches HF's; the Triton grouped GEMM (CUDA) equals the PyTorch reference; CUDA graph capture works."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from nanovllm.layers.fused_moe import fused_moe_reference, select_experts
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
 
@@ -63,3 +69,21 @@ def test_kernel_is_graph_capturable():
         static.copy_(value)
     graph.replay()
     torch.testing.assert_close(out, fused_moe_reference(*new), rtol=2e-2, atol=2e-2 * out.abs().max().item())
+
+
+def test_bandwidth_benchmark_checks_the_interpreted_kernel_on_cpu(tmp_path):
+    """benchmarks/moe_bandwidth.py in its smoke mode: the Triton kernel (TRITON_INTERPRET=1) against the
+    reference, with the figures of every batch; and its check refuses an output left NaN."""
+    from benchmarks.moe_bandwidth import SMOKE, check
+
+    out = tmp_path / "moe.jsonl"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": REPO}
+    command = [sys.executable, "-m", "benchmarks.moe_bandwidth", "--device", "cpu", "--smoke", "--batches", "1,8", "--layers", "1", "--json", str(out)]
+    subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True, timeout=120)
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["batch"] for row in rows] == [1, 8]
+    assert rows[0]["experts_touched"] == SMOKE.top_k and 0 < rows[0]["MB"] < rows[1]["MB"]
+    assert all(row["kernel_us"] > 0 and row["max_abs_err"] < 1e-4 for row in rows)
+    expected = torch.ones(2, 3)
+    with pytest.raises(RuntimeError, match="differs from the reference"):
+        check(torch.full_like(expected, float("nan")), expected, SMOKE, "poisoned")
