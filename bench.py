@@ -234,6 +234,11 @@ def run_throughput(llm: LLM, args: argparse.Namespace) -> dict:
     if workload.name != "prefix":
         floor_s = floor.seconds(bandwidth, matmul_rate)
         figures.update({"floor_s": round(floor_s, 3), "pct_of_floor": round(100 * floor_s / elapsed, 1)})
+    params = ModelParams.of(llm)
+    if params.experts:
+        figures["floor_assumes"] = (f"uniform routing: a step of n tokens reads E(1-(1-k/E)^n) of E={params.num_experts} experts "
+                                    f"per layer (k={params.top_k}); prefill FLOPs count k of E")
+        print(f"floor: {figures['floor_assumes']}")
     prefill_busy_ms = sum(profiler.busy_ms("prefill")) + sum(profiler.busy_ms("mixed"))
     if prefill_busy_ms and workload.name != "prefix":
         # Prompt FLOPs over the device time of the steps that prefill (mixed steps' decode rows included).
