@@ -1,22 +1,21 @@
 """Serving benchmark: a named workload (benchmarks/workloads.py, default nano-vLLM's) sent by concurrent
-streaming HTTP clients, one per request, to a `nanovllm serve` subprocess; prints one JSON line with
-output tok/s, TTFT and ITL p50/p99.
+streaming HTTP clients, one per request, spread over --client-procs processes so that parsing the
+events never limits the figures, to a `nanovllm serve` subprocess; prints one JSON line with output
+tok/s, TTFT, ITL and TPOT p50/p99.
 
 Compare `output_tok_per_s` with `tok_per_s` of `python bench.py` on the same card (the offline ceiling).
 All clients start at once, as in bench.py. TTFT is from sending a request to its first text event; ITL
-is the gap between a request's consecutive text events (one per engine step, as the stream holds back
-only incomplete characters). CPU smoke run: `--preset tiny --num-seqs 4 --max-output-len 12 --server-args "--device cpu"`.
+is the gap between a request's consecutive text events (an event carries every token the request got
+since its previous one, so a client that falls behind sees fewer, larger events); TPOT is a request's
+(last event - first event) / (tokens - 1). CPU smoke run: `--preset tiny --num-seqs 4 --max-output-len 12
+--client-procs 1 --server-args "--device cpu"`.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
+import multiprocessing as mp
 import tempfile
 import time
 
@@ -24,36 +23,14 @@ import httpx
 import numpy as np
 from transformers import AutoConfig
 
+from benchmarks.server import ServerProcess
 from benchmarks.workloads import WORKLOADS, make_workload
 from nanovllm.testing import make_checkpoint
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(model: str, port: int, flags: list[str]) -> subprocess.Popen:
-    command = [sys.executable, "-m", "nanovllm.serve", model, "--port", str(port), "--log-level", "warning", *flags]
-    server = subprocess.Popen(command, cwd=os.path.dirname(os.path.abspath(__file__)))
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited with {server.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    server.kill()
-    raise SystemExit("the server did not become ready in 600 s")
-
-
 async def one_request(client: httpx.AsyncClient, body: dict) -> tuple[float, list[float], int]:
-    """(TTFT, gaps between text events, completion tokens) of one streamed completion."""
-    start = time.perf_counter()
+    """(send time, text event times, completion tokens) of one streamed completion."""
+    start = time.monotonic()
     times: list[float] = []
     tokens = 0
     async with client.stream("POST", "/v1/completions", json=body) as response:
@@ -65,17 +42,39 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> tuple[float, lis
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
             if any(choice["text"] for choice in event["choices"]):
-                times.append(time.perf_counter())
-    return times[0] - start, list(np.diff(times)), tokens
+                times.append(time.monotonic())
+    return start, times, tokens
 
 
-async def run_clients(port: int, bodies: list[dict]) -> tuple[float, list[tuple[float, list[float], int]]]:
+async def run_clients(url: str, bodies: list[dict], start_together) -> list[tuple[float, list[float], int]]:
     limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=None) as client:
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=None) as client:
         await one_request(client, {**bodies[0], "max_tokens": 4})  # warm-up
-        start = time.perf_counter()
-        results = await asyncio.gather(*[one_request(client, body) for body in bodies])
-        return time.perf_counter() - start, results
+        start_together()
+        return await asyncio.gather(*[one_request(client, body) for body in bodies])
+
+
+def client_process(url: str, bodies: list[dict], barrier, results) -> None:
+    """One client process: its share of the requests, started when every process is ready."""
+    results.put(asyncio.run(run_clients(url, bodies, barrier.wait)))
+
+
+def run_client_processes(url: str, bodies: list[dict], procs: int) -> list[tuple[float, list[float], int]]:
+    """Request i goes to process i % procs; the results of all processes (monotonic clocks are system-wide)."""
+    context = mp.get_context("spawn")
+    barrier = context.Barrier(procs)
+    results = context.Queue()
+    workers = [context.Process(target=client_process, args=(url, bodies[i::procs], barrier, results)) for i in range(procs)]
+    for worker in workers:
+        worker.start()
+    try:
+        gathered = [result for _ in workers for result in results.get()]
+    finally:
+        for worker in workers:
+            worker.join(30)
+            if worker.is_alive():
+                worker.kill()
+    return gathered
 
 
 def main() -> None:
@@ -86,6 +85,7 @@ def main() -> None:
     parser.add_argument("--num-seqs", type=int, help="send only the workload's first N requests")
     parser.add_argument("--max-output-len", type=int, help="cap every request's max_tokens (CPU smoke runs)")
     parser.add_argument("--server-args", default="", help="extra `nanovllm serve` flags, e.g. '--device cpu --max-model-len 4096'")
+    parser.add_argument("--client-procs", type=int, default=4, help="client processes the requests are spread over (default: 4)")
     parser.add_argument("--json", help="also append the figures to this file")
     args = parser.parse_args()
 
@@ -98,24 +98,24 @@ def main() -> None:
     max_tokens = [min(n, args.max_output_len or n) for n in workload.max_tokens][: args.num_seqs]
     bodies = [{"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0.6, "ignore_eos": True,
                "stream": True, "stream_options": {"include_usage": True}} for prompt, n in zip(workload.prompts, max_tokens)]
-    port = free_port()
-    server = start_server(model, port, args.server_args.split())
+    server = ServerProcess(model, ["--log-level", "warning", *args.server_args.split()])
     try:
-        elapsed, results = asyncio.run(run_clients(port, bodies))
+        results = run_client_processes(server.url, bodies, min(args.client_procs, len(bodies)))
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(120)
+        server_exit = server.stop()
         if scratch is not None:
             scratch.cleanup()
-    ttft = [r[0] for r in results]
-    itl = [gap for r in results for gap in r[1]]
+    elapsed = max(r[1][-1] for r in results) - min(r[0] for r in results)
+    ttft = [r[1][0] - r[0] for r in results]
+    itl = [gap for r in results for gap in np.diff(r[1])]
+    tpot = [(r[1][-1] - r[1][0]) / (r[2] - 1) for r in results if r[2] > 1]
     tokens = sum(r[2] for r in results)
-    ms = lambda values, q: round(1000 * float(np.percentile(values, q)), 2) if values else None
+    ms = lambda values, q: round(1000 * float(np.percentile(values, q)), 2) if len(values) else None
     figures = {
-        "workload": args.workload, "clients": len(bodies), "output_tokens": tokens, "expected_tokens": sum(max_tokens),
-        "seconds": round(elapsed, 3), "output_tok_per_s": round(tokens / elapsed, 1),
+        "workload": args.workload, "clients": len(bodies), "client_procs": args.client_procs, "output_tokens": tokens,
+        "expected_tokens": sum(max_tokens), "seconds": round(elapsed, 3), "output_tok_per_s": round(tokens / elapsed, 1),
         "ttft_ms_p50": ms(ttft, 50), "ttft_ms_p99": ms(ttft, 99), "itl_ms_p50": ms(itl, 50), "itl_ms_p99": ms(itl, 99),
-        "server_exit": server.returncode, "server_args": args.server_args,
+        "tpot_ms_p50": ms(tpot, 50), "tpot_ms_p99": ms(tpot, 99), "server_exit": server_exit, "server_args": args.server_args,
     }
     line = json.dumps(figures)
     print(line)

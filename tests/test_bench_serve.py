@@ -6,12 +6,12 @@ import os
 import subprocess
 import sys
 
-from serving import REPO
+from benchmarks.server import REPO
 
 
 def test_bench_serve_smoke_on_cpu() -> None:
     command = [sys.executable, "bench_serve.py", "--preset", "tiny", "--num-seqs", "4", "--max-output-len", "8",
-               "--server-args", "--device cpu"]
+               "--client-procs", "2", "--server-args", "--device cpu"]
     done = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])

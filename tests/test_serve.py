@@ -207,12 +207,13 @@ def test_bad_request_gets_openai_error_and_server_keeps_serving(server, client, 
 
 
 def test_build_app_refuses_an_engine_without_a_tokenizer(tiny_model) -> None:
-    from nanovllm.engine.engine_loop import EngineLoop
+    from nanovllm.engine.engine_client import EngineClient
     from nanovllm.entrypoints.serve import build_app
 
-    loop = EngineLoop(make_llm(tiny_model, skip_tokenizer_init=True))
+    client = EngineClient(tiny_model, dict(device="cpu", skip_tokenizer_init=True))
     try:
         with pytest.raises(ValueError, match="skip_tokenizer_init"):
-            build_app(loop, "tiny")
+            build_app(client, "tiny")
     finally:
-        loop.close()
+        client.close()
+    assert client.process.exitcode == 0

@@ -1,6 +1,8 @@
-"""Who may call the server, a full queue, and SIGTERM under load (one two-rank server for the module; the last test stops it)."""
+"""Who may call the server, a full queue, SIGTERM under load (one two-rank server for the module; its
+last test stops it), and the engine process dying under load (a server of its own)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -10,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from serving import Server, child_pids, pid_alive
+from serving import Server, descendant_pids, engine_pid, pid_alive
 
 API_KEY = "sesame-123"
 
@@ -61,9 +63,10 @@ def test_full_queue_answers_503_and_recovers(server: Server, tiny_model: str) ->
 
 def test_sigterm_under_load_exits_0_and_leaves_nothing(server: Server, tiny_model: str) -> None:
     pid = server.process.pid
-    children = child_pids(pid)
-    assert children, "a two-rank engine has a worker process"
-    segments = lambda: [name for name in os.listdir("/dev/shm") if name.startswith(f"nanovllm-{pid}-")]
+    engine = engine_pid(pid)
+    processes = descendant_pids(pid)
+    assert len(descendant_pids(engine)) == 1, "a two-rank engine process has a worker process"
+    segments = lambda: [name for name in os.listdir("/dev/shm") if name.startswith(f"nanovllm-{engine}-")]
     assert segments()
     streams = [client(server).completions.create(model=tiny_model, **LONG) for _ in range(2)]
     next(iter(streams[0]))
@@ -77,7 +80,32 @@ def test_sigterm_under_load_exits_0_and_leaves_nothing(server: Server, tiny_mode
         reader.join(30)
     assert ended == ["abort", "abort"], "both in-flight streams were ended by the server, and ended cleanly"
     deadline = time.monotonic() + 10
-    while any(pid_alive(child) for child in children) and time.monotonic() < deadline:
+    while any(pid_alive(process) for process in processes) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [child for child in children if pid_alive(child)]
+    assert not [process for process in processes if pid_alive(process)]
     assert segments() == []
+
+
+def test_engine_process_killed_under_load_fails_requests_and_exits_nonzero(tiny_model: str) -> None:
+    server = Server(tiny_model, "--max-model-len", "4096", "--num-kvcache-blocks", "1024", "--tensor-parallel-size", "2")
+    try:
+        pid = server.process.pid
+        engine = engine_pid(pid)
+        processes = descendant_pids(pid)
+        body = {"prompt": [11, 12, 13], "max_tokens": 3000, "temperature": 0, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            os.kill(engine, signal.SIGKILL)
+            events = [line for line in lines if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[-2][6:])["error"]
+        assert "engine process exited unexpectedly" in error["message"] and error["type"] == "server_error"
+        assert server.process.wait(60) == 1, server.output()[-3000:]
+        deadline = time.monotonic() + 10
+        while any(pid_alive(process) for process in processes) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [process for process in processes if pid_alive(process)]
+        assert not [name for name in os.listdir("/dev/shm") if name.startswith(f"nanovllm-{engine}-")]
+    finally:
+        server.kill()

@@ -1,18 +1,19 @@
-"""Prometheus metrics of the server: engine gauges read from EngineLoop.stats at scrape time, and
-token counters and latency histograms updated as outputs reach the event loop (what clients see)."""
+"""Prometheus metrics of the server: engine gauges read at scrape time from the stats the engine process
+sent with its latest Update, and token counters and latency histograms updated as outputs reach the
+event loop (what clients see)."""
 from __future__ import annotations
 
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from nanovllm.engine.engine_loop import EngineLoop, Output
+from nanovllm.engine.engine_client import EngineClient, Output
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class ServerMetrics:
-    def __init__(self, engine_loop: EngineLoop) -> None:
+    def __init__(self, client: EngineClient) -> None:
         self.registry = CollectorRegistry()
         gauges = {
             "num_requests_running": ("requests in the running batch", "num_running"),
@@ -22,7 +23,7 @@ class ServerMetrics:
         }
         for name, (doc, stat) in gauges.items():
             gauge = Gauge(f"nanovllm_{name}", doc, registry=self.registry)
-            gauge.set_function(lambda stat=stat: getattr(engine_loop.stats, stat))
+            gauge.set_function(lambda stat=stat: getattr(client.stats, stat))
         self.prompt_tokens = Counter("nanovllm_prompt_tokens", "prompt tokens of accepted requests", registry=self.registry)
         self.generation_tokens = Counter("nanovllm_generation_tokens", "tokens generated", registry=self.registry)
         self.requests = Counter("nanovllm_requests", "finished requests by finish reason", ["finish_reason"], registry=self.registry)

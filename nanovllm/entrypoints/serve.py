@@ -1,5 +1,6 @@
-"""OpenAI-compatible HTTP server (FastAPI + uvicorn) over one EngineLoop: every HTTP request becomes
-engine requests (one per prompt, with the request's n) that share decode steps with everyone else's."""
+"""OpenAI-compatible HTTP server (FastAPI + uvicorn) in this process over one engine process
+(EngineClient): every HTTP request becomes engine requests (one per prompt, with the request's n) that
+share decode steps with everyone else's. HTTP, JSON and SSE work never takes the engine's GIL."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ import asyncio
 import hmac
 import json
 import signal
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,8 +23,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from transformers import PreTrainedTokenizerBase
 
-from nanovllm.engine.engine_loop import EngineLoop, EngineStopped, Output, QueueFull, RequestStream
-from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.engine.engine_client import EngineClient, EngineStopped, Output, OutputStream, QueueFull
+from nanovllm.engine.requests import load_tokenizer
 from nanovllm.entrypoints.cli import engine_kwargs
 from nanovllm.entrypoints.metrics import RequestTimer, ServerMetrics
 from nanovllm.entrypoints.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingRequest
@@ -69,7 +71,7 @@ class BodySizeLimit:
 
 @dataclass
 class ServerState:
-    engine_loop: EngineLoop
+    client: EngineClient
     tokenizer: PreTrainedTokenizerBase
     model_name: str
     max_model_len: int
@@ -99,30 +101,28 @@ class Choice:
 
 @dataclass
 class Submitted:
-    """One engine request (a prompt with SamplingParams.n) and its n choices, by completion index."""
+    """An HTTP request's engine requests (one per prompt): their OutputStream, and their choices by
+    (request id, completion index), in choice order."""
 
-    stream: RequestStream
-    choices: list[Choice]
+    stream: OutputStream
+    choices: dict[tuple[int, int], Choice] = field(default_factory=dict)
+    num_prompt_tokens: int = 0
 
     def close(self) -> None:
-        """Abort the engine request if it is still running (client gone, another prompt refused, shutdown)."""
-        if self.stream.close():
-            for choice in self.choices:
-                if choice.finish_reason is None:
+        """Abort the engine requests still running (client gone, another prompt refused, shutdown)."""
+        for request_id in self.stream.close():
+            for (owner, _), choice in self.choices.items():
+                if owner == request_id and choice.finish_reason is None:
                     choice.timer.metrics.requests.labels("abort").inc()
 
 
-def _all_choices(submitted: list[Submitted]) -> list[Choice]:
-    return [choice for request in submitted for choice in request.choices]
-
-
-def _usage(submitted: list[Submitted]) -> dict:
-    prompt = sum(request.stream.accepted.num_prompt_tokens for request in submitted)
-    completion = sum(choice.num_tokens for choice in _all_choices(submitted))
+def _usage(submitted: Submitted) -> dict:
+    prompt = submitted.num_prompt_tokens
+    completion = sum(choice.num_tokens for choice in submitted.choices.values())
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _submit(state: ServerState, request: SamplingRequest, prompts: list, default_max_tokens: int) -> list[Submitted]:
+async def _submit(state: ServerState, request: SamplingRequest, prompts: list, default_max_tokens: int) -> Submitted:
     """One engine request per prompt, with the request's n (the engine prefills each prompt once and
     seeds continuation i from the seed, as offline `generate` does); all accepted or none (a refusal
     closes the others). Choice i * n + j is completion j of prompt i."""
@@ -130,49 +130,35 @@ async def _submit(state: ServerState, request: SamplingRequest, prompts: list, d
         raise ApiError(400, f"model {request.model!r} is not served here; the model is {state.model_name!r}", "model", "model_not_found")
     request.check_n()
     params = request.sampling_params(default_max_tokens)
-    submitted: list[Submitted] = []
+    submitted = Submitted(OutputStream(state.client))
     try:
         for i, prompt in enumerate(prompts):
-            choices = [Choice(i * params.n + j, RequestTimer(state.metrics)) for j in range(params.n)]
+            timers = [RequestTimer(state.metrics) for _ in range(params.n)]
             try:
-                stream = await RequestStream.open(state.engine_loop, prompt, params)
+                accepted = await submitted.stream.add(prompt, params)
             except (ValueError, TypeError) as error:
                 raise ApiError(400, str(error), "prompt") from error
             except (QueueFull, EngineStopped) as error:
                 raise ApiError(503, str(error)) from error
-            state.metrics.prompt_tokens.inc(stream.accepted.num_prompt_tokens)
-            submitted.append(Submitted(stream, choices))
+            state.metrics.prompt_tokens.inc(accepted.num_prompt_tokens)
+            submitted.num_prompt_tokens += accepted.num_prompt_tokens
+            for j, timer in enumerate(timers):
+                submitted.choices[accepted.request_id, j] = Choice(i * params.n + j, timer)
     except BaseException:
-        for done in submitted:
-            done.close()
+        submitted.close()
         raise
     return submitted
 
 
-async def _merged(submitted: list[Submitted]) -> AsyncIterator[tuple[Choice, Output]]:
-    """Every choice's outputs as they come (one task per engine request feeding one queue)."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(request: Submitted) -> None:
-        try:
-            async for output in request.stream:
-                await queue.put((request.choices[output.completion_index], output))
-        except EngineStopped as error:
-            await queue.put((None, error))
-
-    tasks = [asyncio.create_task(pump(request)) for request in submitted]
-    try:
-        live = len(_all_choices(submitted))
-        while live:
-            choice, item = await queue.get()
-            if isinstance(item, EngineStopped):
-                raise item
-            choice.add(item)
-            live -= item.finished
-            yield choice, item
-    finally:
-        for task in tasks:
-            task.cancel()
+async def _outputs(submitted: Submitted) -> AsyncIterator[list[tuple[Choice, Output]]]:
+    """Every choice's outputs, a batch per wake-up (what arrived since the previous one, merged per choice)."""
+    async for batch in submitted.stream.batches():
+        pairs = []
+        for output in batch:
+            choice = submitted.choices[output.request_id, output.completion_index]
+            choice.add(output)
+            pairs.append((choice, output))
+        yield pairs
 
 
 async def _until_disconnected(http_request: Request) -> None:
@@ -180,10 +166,10 @@ async def _until_disconnected(http_request: Request) -> None:
         pass
 
 
-async def _collect(http_request: Request, submitted: list[Submitted]) -> None:
+async def _collect(http_request: Request, submitted: Submitted) -> None:
     """Run every choice to its end; a client that disconnects first aborts them all."""
     async def drain() -> None:
-        async for _ in _merged(submitted):
+        async for _ in _outputs(submitted):
             pass
 
     work = asyncio.create_task(drain())
@@ -193,8 +179,7 @@ async def _collect(http_request: Request, submitted: list[Submitted]) -> None:
     finally:
         watcher.cancel()
         work.cancel()
-        for request in submitted:
-            request.close()
+        submitted.close()
     if not work.done() or work.cancelled():
         raise ApiError(499, "the client disconnected")  # nginx's "client closed request": nobody reads it
     try:
@@ -207,43 +192,40 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-def _streaming_response(submitted: list[Submitted], include_usage: bool, header: dict, render) -> StreamingResponse:
-    """SSE: one event per output (`render(choice, output)` makes its choice entry), then usage if asked, then [DONE]."""
+def _streaming_response(submitted: Submitted, include_usage: bool, header: dict, render) -> StreamingResponse:
+    """SSE: one event per choice that got output (`render(choice, output)` makes its choice entry), all
+    events of one wake-up in one write; then usage if asked, then [DONE]."""
 
     async def events() -> AsyncIterator[str]:
         try:
-            async for choice, output in _merged(submitted):
-                entry = render(choice, output)
-                if entry is not None:
-                    yield _sse({**header, "choices": [entry]})
+            async for pairs in _outputs(submitted):
+                entries = [entry for choice, output in pairs if (entry := render(choice, output)) is not None]
+                if entries:
+                    yield "".join(_sse({**header, "choices": [entry]}) for entry in entries)
             if include_usage:
                 yield _sse({**header, "choices": [], "usage": _usage(submitted)})
         except EngineStopped as error:
             yield _sse(ApiError(503, str(error)).body)
         finally:
-            for request in submitted:
-                request.close()
+            submitted.close()
         yield _sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-def build_app(engine_loop: EngineLoop, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
-    """The ASGI app; its shutdown closes `engine_loop` (aborting what is still running)."""
-    engine = engine_loop.engine
-    if engine.tokenizer is None:
+def build_app(client: EngineClient, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+    """The ASGI app; its start-up routes the engine's outputs to its event loop, its shutdown closes
+    `client` (aborting what is still running)."""
+    if not client.ready.has_tokenizer:
         raise ValueError("the server needs the model's tokenizer (chat template, text outputs); start it without skip_tokenizer_init")
-    # The engine's tokenizer, shared: the event loop renders and encodes chat templates while the engine
-    # thread encodes prompts and decodes outputs. A fast (Rust) tokenizer encodes and decodes under shared
-    # borrows; only a change of its truncation/padding settings mutates it, which the first plain encode
-    # makes if tokenizer.json declares any: that first encode happens here, before any request runs.
-    engine.tokenizer.encode("")
-    state = ServerState(engine_loop, engine.tokenizer, model_name, engine.config.max_model_len, ServerMetrics(engine_loop))
+    tokenizer = load_tokenizer(client.ready.model)  # this process's own: chat templates, on the event loop only
+    state = ServerState(client, tokenizer, model_name, client.ready.max_model_len, ServerMetrics(client))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        client.bind(asyncio.get_running_loop())
         yield
-        await asyncio.to_thread(engine_loop.close)
+        await asyncio.to_thread(client.close)
 
     def require_key(request: Request) -> None:
         if api_key is None:
@@ -271,7 +253,7 @@ def build_app(engine_loop: EngineLoop, model_name: str, api_key: str | None = No
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200 if engine_loop.is_alive() else 503)
+        return Response(status_code=200 if client.is_alive() else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -298,7 +280,7 @@ def build_app(engine_loop: EngineLoop, model_name: str, api_key: str | None = No
         await _collect(http_request, submitted)
         results = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
                     "logprobs": completion_logprobs(c.logprobs, 0) if body.logprobs is not None else None}
-                   for c in _all_choices(submitted)]
+                   for c in submitted.choices.values()]
         return {**header, "choices": results, "usage": _usage(submitted)}
 
     @v1.post("/chat/completions")
@@ -323,7 +305,7 @@ def build_app(engine_loop: EngineLoop, model_name: str, api_key: str | None = No
         await _collect(http_request, submitted)
         results = [{"index": c.index, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
                     "logprobs": chat_logprobs(c.logprobs, body.top_logprobs or 0) if body.logprobs else None}
-                   for c in _all_choices(submitted)]
+                   for c in submitted.choices.values()]
         return {**header, "object": "chat.completion", "choices": results, "usage": _usage(submitted)}
 
     app.include_router(v1)
@@ -332,18 +314,25 @@ def build_app(engine_loop: EngineLoop, model_name: str, api_key: str | None = No
 
 class _Server(uvicorn.Server):
     """uvicorn's server, whose shutdown (SIGTERM, SIGINT) gives in-flight requests `grace_s` seconds and
-    then ends them through the engine loop (finish_reason "abort"), so every stream still ends with
-    [DONE] before uvicorn closes the connections."""
+    then ends them through the engine (finish_reason "abort"), so every stream still ends with [DONE]
+    before uvicorn closes the connections. If the engine process dies, it shuts down too (`failure`)."""
 
-    def __init__(self, config: uvicorn.Config, engine_loop: EngineLoop, grace_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, client: EngineClient, grace_s: float) -> None:
         super().__init__(config)
-        self.engine_loop = engine_loop
+        self.client = client
         self.grace_s = grace_s
+        self.failure: str | None = None
+        client.on_death = self._engine_died
+
+    def _engine_died(self, reason: str) -> None:
+        print(f"nanovllm serve: {reason}; shutting down", file=sys.stderr, flush=True)
+        self.failure = reason
+        self.should_exit = True
 
     async def shutdown(self, sockets=None) -> None:
         async def end_in_flight() -> None:
             await asyncio.sleep(self.grace_s)
-            await asyncio.to_thread(self.engine_loop.close)
+            await asyncio.to_thread(self.client.close)
 
         ender = asyncio.create_task(end_in_flight())
         try:
@@ -354,20 +343,21 @@ class _Server(uvicorn.Server):
 
 def _exit_cleanly(signum: int, frame: object) -> None:
     """SIGTERM outside uvicorn's own handling (while loading, or re-raised by uvicorn after its graceful
-    shutdown): unwind normally so finalizers stop workers and free shared memory; exit status 0."""
+    shutdown): unwind normally so the engine process is stopped and its shared memory freed; exit status 0."""
     raise SystemExit(0)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit status 0 after a shutdown, 1 if the engine process died."""
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    engine = LLMEngine(args.model, **engine_kwargs(args))
-    engine_loop = EngineLoop(engine, args.max_waiting)
+    client = EngineClient(args.model, engine_kwargs(args), args.max_waiting)
     try:
-        app = build_app(engine_loop, args.served_model_name or args.model, args.api_key, args.max_body_bytes)
-        # uvicorn's own limit is a backstop: the engine loop ends every request at shutdown_timeout.
+        app = build_app(client, args.served_model_name or args.model, args.api_key, args.max_body_bytes)
+        # uvicorn's own limit is a backstop: the engine ends every request at shutdown_timeout.
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 timeout_graceful_shutdown=args.shutdown_timeout + 10)
-        _Server(config, engine_loop, args.shutdown_timeout).run()
+        server = _Server(config, client, args.shutdown_timeout)
+        server.run()
     finally:
-        engine_loop.close()
-    return 0
+        client.close()
+    return 1 if server.failure else 0

@@ -1,0 +1,103 @@
+"""The typed messages between the API process (EngineClient) and the engine process (EngineCore),
+pickled over one multiprocessing pipe. Per engine step the core sends ONE Update that carries every
+request's new outputs, so the API process pays one receive and one wake-up per step, not per request."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nanovllm.engine.requests import Prompt
+from nanovllm.outputs import Logprob
+from nanovllm.sampling_params import SamplingParams
+
+
+class QueueFull(RuntimeError):
+    """The engine already holds `max_waiting` requests that wait for a place in a batch."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine was closed, or failed; it takes no more requests."""
+
+
+# ---- API process -> engine process ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    request_id: int  # chosen by the client, unique per client
+    prompt: Prompt
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    request_id: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    """End every live request with finish_reason "abort", then exit the engine."""
+
+
+# ---- engine process -> API process ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The engine is built: what the API process needs to know of it."""
+
+    model: str  # the model folder as Config resolved it (the tokenizer is loaded from it)
+    max_model_len: int
+    has_tokenizer: bool
+    pid: int
+
+
+@dataclass(frozen=True)
+class Accepted:
+    request_id: int
+    num_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    request_id: int
+    error: Exception  # ValueError / TypeError (bad request), QueueFull or EngineStopped
+
+
+@dataclass
+class Output:
+    """What one completion of a request produced since its previous Output; its last one has `finished`."""
+
+    request_id: int
+    completion_index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob]] | None  # as the engine recorded them (decoded token text included)
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class LoopStats:
+    """The engine's scheduler state after a step (read by /metrics)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_blocks_used: int = 0
+    num_blocks_total: int = 0
+
+
+@dataclass
+class Update:
+    """Everything one turn of the engine loop produced: answers to adds, every request's new outputs, the stats."""
+
+    stats: LoopStats
+    accepted: list[Accepted] = field(default_factory=list)
+    refused: list[Refused] = field(default_factory=list)
+    outputs: list[Output] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The engine raised (while loading or stepping); the process exits non-zero after sending this."""
+
+    reason: str

@@ -1,0 +1,280 @@
+"""The API process's handle on the engine process (engine_core.py): spawn it, send it typed messages,
+and route its per-step Updates to the asyncio streams that wait for them.
+
+A reader thread receives each Update and hands it to the event loop with one call_soon_threadsafe;
+there each output goes to its stream's buffer. A stream's consumer takes everything buffered at once,
+merged per completion, so a consumer that falls behind gets fewer, larger outputs, never a backlog.
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import itertools
+import multiprocessing as mp
+import multiprocessing.util  # noqa: F401 (its exit hook, which joins child processes, must be registered before ours)
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from nanovllm.engine.core_messages import (Accepted, AbortRequest, AddRequest, EngineStopped, Failed, LoopStats, Output,
+                                           QueueFull, Ready, Stop, Update)
+from nanovllm.engine.engine_core import run_engine_core
+from nanovllm.engine.requests import Prompt
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.validation import require_int
+
+__all__ = ["EngineClient", "EngineStopped", "Output", "OutputStream", "QueueFull"]
+
+# How long close() waits for the engine process to stop before terminating it.
+JOIN_TIMEOUT_S = 30.0
+
+
+class EngineClient:
+    """One engine process. Build it (blocks until the model is loaded; raises RuntimeError if it
+    fails), `bind` it to the event loop that will use it, open OutputStreams, `close` it at the end.
+
+    If the engine process dies or fails, every open stream raises EngineStopped, later adds raise it,
+    and `on_death(reason)` is called on the event loop (the server exits non-zero).
+    """
+
+    def __init__(self, model: str, engine_kwargs: dict | None = None, max_waiting: int | None = None) -> None:
+        if max_waiting is not None:
+            require_int("max_waiting", max_waiting, 1)
+        context = mp.get_context("spawn")
+        self._connection, child_end = context.Pipe()
+        self.process = context.Process(target=run_engine_core, args=(model, engine_kwargs or {}, max_waiting, child_end),
+                                       name="nanovllm-engine")
+        self.process.start()
+        child_end.close()
+        atexit.register(self.close)  # runs before multiprocessing's exit hook, which would wait for the engine forever
+        self.stats = LoopStats()
+        self.error: EngineStopped | None = None  # why the engine stopped, once it has
+        self.on_death: Callable[[str], None] | None = None
+        self._streams: dict[int, OutputStream] = {}  # by request id, until the request's last output is routed
+        self._accepting: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count()
+        self._send_lock = threading.Lock()
+        self._closing = False
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._reader: threading.Thread | None = None
+        self.ready: Ready | None = None
+        try:
+            self.ready = self._wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_ready(self) -> Ready:
+        try:
+            message = self._connection.recv()
+        except EOFError:
+            self.process.join(JOIN_TIMEOUT_S)
+            raise RuntimeError(f"the engine process exited with code {self.process.exitcode} while loading the model") from None
+        if isinstance(message, Failed):
+            raise RuntimeError(message.reason)
+        return message
+
+    def bind(self, event_loop: asyncio.AbstractEventLoop) -> None:
+        """Route outputs to streams on `event_loop` from now on (call once, before the first stream)."""
+        self._event_loop = event_loop
+        self._reader = threading.Thread(target=self._read, name="nanovllm-client-reader", daemon=True)
+        self._reader.start()
+
+    def is_alive(self) -> bool:
+        return self.error is None and self.process.is_alive()
+
+    # ---- the reader thread ----------------------------------------------------------------
+
+    def _read(self) -> None:
+        try:
+            while True:
+                message = self._connection.recv()
+                self._call_soon(self._dispatch, message)
+        except (EOFError, OSError):
+            pass
+        self.process.join(JOIN_TIMEOUT_S)
+        self._call_soon(self._ended, self.process.exitcode)
+
+    def _call_soon(self, callback: Callable, *args: object) -> None:
+        try:
+            self._event_loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            pass  # the event loop is closed: nobody is listening any more
+
+    # ---- the event loop -------------------------------------------------------------------
+
+    def _dispatch(self, message: Update | Failed) -> None:
+        if isinstance(message, Failed):
+            self._fail(message.reason)
+            return
+        self.stats = message.stats
+        for accepted in message.accepted:
+            self._resolve(accepted.request_id, accepted)
+        for refused in message.refused:
+            self._streams.pop(refused.request_id)._forget(refused.request_id)
+            self._resolve(refused.request_id, refused.error)
+        woken = set()
+        for output in message.outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            if stream._receive(output):
+                del self._streams[output.request_id]
+            woken.add(stream)
+        for stream in woken:
+            stream._wakeup.set()
+
+    def _resolve(self, request_id: int, result: Accepted | Exception) -> None:
+        future = self._accepting.pop(request_id, None)
+        if future is None or future.done():
+            return
+        if isinstance(result, Exception):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+    def _ended(self, exitcode: int | None) -> None:
+        self._fail("the engine is stopped" if self._closing else f"the engine process exited unexpectedly with code {exitcode}")
+
+    def _fail(self, reason: str) -> None:
+        """The engine is gone: every waiting add and open stream gets EngineStopped; on_death unless we closed it."""
+        if self.error is not None:
+            return
+        self.error = EngineStopped(reason)
+        for future in self._accepting.values():
+            if not future.done():
+                future.set_exception(self.error)
+        for stream in set(self._streams.values()):
+            stream._fail(self.error)
+        self._accepting.clear()
+        self._streams.clear()
+        if not self._closing and self.on_death is not None:
+            self.on_death(reason)
+
+    def _send(self, message: AddRequest | AbortRequest | Stop) -> None:
+        if self.error is not None:
+            raise self.error
+        try:
+            with self._send_lock:
+                self._connection.send(message)
+        except OSError as error:
+            raise EngineStopped(f"the engine process is gone ({error!r})") from error
+
+    async def _add(self, stream: OutputStream, prompt: Prompt, params: SamplingParams) -> Accepted:
+        request_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._send(AddRequest(request_id, prompt, params))
+        self._accepting[request_id] = future
+        self._streams[request_id] = stream
+        stream._live[request_id] = params.n
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self.abort(request_id)  # the engine may accept it after all
+            raise
+
+    def abort(self, request_id: int) -> None:
+        """Drop a request (all its completions) and free its blocks; a no-op once it has finished."""
+        self._accepting.pop(request_id, None)
+        if (stream := self._streams.pop(request_id, None)) is not None:
+            stream._forget(request_id)
+        try:
+            self._send(AbortRequest(request_id))
+        except EngineStopped:
+            pass  # nothing runs any more
+
+    def close(self, timeout: float = JOIN_TIMEOUT_S) -> None:
+        """Stop the engine process (live requests end with finish_reason "abort") and wait for it;
+        terminate it if it does not stop in `timeout` (at once while it is still loading). Idempotent; any thread."""
+        if self._closing:
+            return
+        self._closing = True
+        atexit.unregister(self.close)
+        try:
+            with self._send_lock:
+                self._connection.send(Stop())
+        except OSError:
+            pass
+        self.process.join(timeout if self.ready is not None else 0)
+        for stop in (self.process.terminate, self.process.kill):
+            if self.process.is_alive():
+                stop()
+                self.process.join(timeout)
+        if self._reader is not None:
+            self._reader.join(timeout)
+        self._connection.close()
+
+
+class OutputStream:
+    """The outputs of one caller's engine requests (e.g. an HTTP request's prompts), inside an asyncio
+    event loop. `await add(...)` each request, iterate the batches, and `close()` in a finally: closing
+    aborts the requests that have not finished."""
+
+    def __init__(self, client: EngineClient) -> None:
+        self.client = client
+        self._live: dict[int, int] = {}  # completions whose last output is not routed yet, by request id
+        self._buffer: list[Output] = []
+        self._wakeup = asyncio.Event()
+        self._error: EngineStopped | None = None
+
+    async def add(self, prompt: Prompt, params: SamplingParams) -> Accepted:
+        """Queue a request and wait until the engine accepted it (raises what refused it: ValueError,
+        TypeError, QueueFull, EngineStopped). Its outputs carry `Accepted.request_id`."""
+        return await self.client._add(self, prompt, params)
+
+    def _receive(self, output: Output) -> bool:
+        """Buffer an output (event loop); True when it was its request's last."""
+        self._buffer.append(output)
+        if output.finished:
+            self._live[output.request_id] -= 1
+            if not self._live[output.request_id]:
+                del self._live[output.request_id]
+                return True
+        return False
+
+    def _forget(self, request_id: int) -> None:
+        self._live.pop(request_id, None)
+
+    def _fail(self, error: EngineStopped) -> None:
+        self._error = error
+        self._live.clear()
+        self._wakeup.set()
+
+    async def batches(self) -> AsyncIterator[list[Output]]:
+        """Everything that arrived since the previous batch, one merged Output per completion, until
+        every request has finished; raises EngineStopped (after what had arrived) if the engine stops."""
+        while True:
+            if self._buffer:
+                taken, self._buffer = self._buffer, []
+                yield merge_outputs(taken)
+            elif self._error is not None:
+                raise self._error
+            elif not self._live:
+                return
+            else:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+
+    def close(self) -> list[int]:
+        """Abort the requests that have not finished; returns their ids."""
+        unfinished = list(self._live)
+        for request_id in unfinished:
+            self.client.abort(request_id)
+        return unfinished
+
+
+def merge_outputs(outputs: list[Output]) -> list[Output]:
+    """One Output per (request, completion), in order of first appearance: texts, token ids and
+    logprobs concatenated; finished and finish_reason from the last."""
+    groups: dict[tuple[int, int], list[Output]] = {}
+    for output in outputs:
+        groups.setdefault((output.request_id, output.completion_index), []).append(output)
+    merged = []
+    for group in groups.values():
+        if len(group) == 1:
+            merged.append(group[0])
+            continue
+        last = group[-1]
+        logprobs = None if last.logprobs is None else [entry for o in group for entry in o.logprobs]
+        merged.append(Output(last.request_id, last.completion_index, "".join(o.text for o in group),
+                             [t for o in group for t in o.token_ids], logprobs, last.finished, last.finish_reason))
+    return merged
