@@ -46,8 +46,9 @@ def _micro_batches(lines: list[list[int]], pad_id: int) -> list[tuple[torch.Tens
 def train_to_recite(model: torch.nn.Module, lines: list[list[int]], pad_id: int, steps: int, lr: float) -> float:
     """Train an HF causal LM in place on `lines` (token ids, each a separate sequence from position 0, ending
     in EOS) with AdamW and a one-cycle learning rate, full batch per step. Run it inside `deterministic_cpu`.
-    Returns the last step's mean token loss."""
-    batches = _micro_batches(lines, pad_id)
+    Returns the last step's mean token loss. Runs on the model's device (CPU for the presets; CUDA in GPU tests)."""
+    device = next(model.parameters()).device
+    batches = [tuple(t.to(device) for t in batch) for batch in _micro_batches(lines, pad_id)]
     num_targets = sum(int((labels[:, 1:] != -100).sum()) for _, _, labels in batches)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)

@@ -8,6 +8,7 @@ import random
 import shutil
 
 import pytest
+import torch
 from conftest import HFOracle, assert_invariants, make_llm
 
 from nanovllm import LLM, SamplingParams
@@ -97,13 +98,30 @@ def test_sliding_window_refused_only_where_it_would_mask(tmp_path):
 
 
 @pytest.mark.cuda
-def test_bf16_on_cuda_starts_like_the_fp32_reference(family):
-    path, hf = family
-    prompts = shared_prefix_prompts(4, seed=3)
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_bf16_on_cuda_follows_the_fp32_reference(preset, tmp_path):
+    """Each family in bf16 on CUDA (graphs, overlap) continues lines of the built-in text like HF fp32, on a tiny
+    checkpoint trained on CUDA to recite them. Random tiny weights cannot serve: their outputs are chaotic
+    under bf16 rounding (measured: the untrained Qwen3 and Qwen3-MoE presets' greedy tokens left HF fp32's at
+    the first token in bf16, while graphed and eager decoding agreed by teacher forcing)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nanovllm.testing import EOS_TOKEN_ID, PAD_TOKEN_ID, PRESETS, TRAINING_TEXT, build_config
+    from nanovllm.testing_training import train_to_recite
+
+    path = str(make_checkpoint(tmp_path, preset, weights=False))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    lines = [tokenizer.encode(line) + [EOS_TOKEN_ID] for line in TRAINING_TEXT.splitlines() if line.strip()]
+    model = AutoModelForCausalLM.from_config(build_config(PRESETS[preset]), dtype=torch.float32).cuda()
+    assert train_to_recite(model, lines, PAD_TOKEN_ID, steps=80, lr=5e-3) < 0.1
+    model.save_pretrained(path)
+    del model
+    prompts = [line[:8] for line in lines[::5]]
     llm = make_llm(path, device="cuda", dtype="bfloat16", max_model_len=256, max_num_batched_tokens=256, num_kvcache_blocks=64)
+    assert llm.runtime.cuda_graphs and llm.runtime.overlap
     try:
-        outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+        outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     finally:
         llm.exit()
-    for prompt, output in zip(prompts, outputs):
-        assert output["token_ids"] == hf.greedy(prompt, 2, ignore_eos=True)
+    hf = HFOracle(path)
+    assert [o["token_ids"] for o in outputs] == [hf.greedy(p, 8, ignore_eos=True) for p in prompts]
