@@ -118,6 +118,26 @@ def test_qk_norm_rope(
     assert torch.equal(v, v_before)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 7, 300])
+@pytest.mark.parametrize(("num_q_heads", "num_kv_heads"), [(32, 8), (28, 4), (5, 1)])
+def test_rope(dtype: torch.dtype, num_tokens: int, num_q_heads: int, num_kv_heads: int, device: torch.device) -> None:
+    """The rotary alone (families without q/k norms), in place on views of one qkv tensor, against the PyTorch path."""
+    fused, head_dim = fused_module(), 128
+    q_size, kv_size = num_q_heads * head_dim, num_kv_heads * head_dim
+    qkv = (3 * torch.randn(num_tokens, q_size + 2 * kv_size, device=device)).to(dtype)
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    q, k = q.view(num_tokens, num_q_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim)
+    rope = RotaryEmbedding(inv_freq_and_scale(head_dim, {"rope_type": "default", "rope_theta": 5e5}, MAX_POSITIONS, MAX_POSITIONS)[0], MAX_POSITIONS).to(device)
+    positions = torch.randint(0, MAX_POSITIONS, (num_tokens,), device=device)
+    ref_q, ref_k = rope(positions, q, k)
+    v_before = v.clone()
+    fused.rope(q, k, rope.cos_sin, positions)
+    assert rel_err(q, ref_q) <= TOLERANCE[dtype]
+    assert rel_err(k, ref_k) <= TOLERANCE[dtype]
+    assert torch.equal(v, v_before)
+
+
 @pytest.mark.usefixtures("poison")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_rows", [1, 7, 300])

@@ -1,7 +1,8 @@
 """Fused Triton kernels for the per-layer elementwise work of a decoder step.
 
 * :func:`rms_norm` -- RMSNorm with an optional residual add (one program per row).
-* :func:`qk_norm_rope` -- per-head RMSNorm of q and k followed by GPT-NeoX rotary, in place.
+* :func:`qk_norm_rope` -- per-head RMSNorm of q and k followed by GPT-NeoX rotary, in place;
+  :func:`rope` -- the rotary alone (families without q/k norms).
 * :func:`silu_and_mul` -- ``silu(gate) * up`` of a merged gate/up projection.
 
 Each kernel reproduces the rounding steps of the PyTorch layers it replaces
@@ -101,27 +102,28 @@ def rms_norm(
 
 @triton.jit
 def _norm_rope_heads(x_ptr, stride_h, weight_ptr, cos, sin, eps, NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
-                     BLOCK_H: tl.constexpr):
-    """RMS-normalise and rotate, in place, the NUM_HEADS heads of one token starting at x_ptr (head h at
-    x_ptr + h * stride_h); cos and sin: fp32 [BLOCK] for the token's position."""
+                     BLOCK_H: tl.constexpr, NORM: tl.constexpr):
+    """RMS-normalise (when NORM) and rotate, in place, the NUM_HEADS heads of one token starting at x_ptr
+    (head h at x_ptr + h * stride_h); cos and sin: fp32 [BLOCK] for the token's position."""
     dtype = x_ptr.dtype.element_ty
     heads = tl.arange(0, BLOCK_H)
     offs = tl.arange(0, BLOCK)
     mask = (heads[:, None] < NUM_HEADS) & (offs[None, :] < HALF)
     ptrs = x_ptr + heads[:, None] * stride_h + offs[None, :]
-    x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)[:, None]
-    w1 = tl.load(weight_ptr + offs, mask=offs < HALF, other=0.0).to(tl.float32)[None, :]
-    w2 = tl.load(weight_ptr + HALF + offs, mask=offs < HALF, other=0.0).to(tl.float32)[None, :]
-    n1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-    n2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    n1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    n2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        rstd = tl.rsqrt((tl.sum(n1 * n1, axis=1) + tl.sum(n2 * n2, axis=1)) / (2 * HALF) + eps)[:, None]
+        w1 = tl.load(weight_ptr + offs, mask=offs < HALF, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(weight_ptr + HALF + offs, mask=offs < HALF, other=0.0).to(tl.float32)[None, :]
+        n1 = (w1 * (n1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        n2 = (w2 * (n2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     tl.store(ptrs, (n1 * cos[None, :] - n2 * sin[None, :]).to(dtype), mask=mask)
     tl.store(ptrs + HALF, (n2 * cos[None, :] + n1 * sin[None, :]).to(dtype), mask=mask)
 
 
 @triton.jit
-def _qk_norm_rope_kernel(
+def _rope_kernel(
     q_ptr,
     k_ptr,
     q_weight_ptr,
@@ -140,8 +142,9 @@ def _qk_norm_rope_kernel(
     BLOCK: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    NORM: tl.constexpr,
 ):
-    """RMS-normalise every q and k head of one token, then rotate them, in place.
+    """RMS-normalise (when NORM) every q and k head of one token, then rotate them, in place.
 
     Grid: (N,). q: [N, NUM_Q_HEADS, 2 * HALF], k: [N, NUM_K_HEADS, 2 * HALF] (contiguous last dims);
     q_weight, k_weight: [2 * HALF]; cos_sin: fp32 [max_positions, 2 * HALF] as [cos | sin];
@@ -153,8 +156,8 @@ def _qk_norm_rope_kernel(
     row = cos_sin_ptr + tl.load(positions_ptr + token).to(tl.int64) * cos_sin_stride
     cos = tl.load(row + offs, mask=offs < HALF, other=0.0)
     sin = tl.load(row + HALF + offs, mask=offs < HALF, other=0.0)
-    _norm_rope_heads(q_ptr + token * q_stride_n, q_stride_h, q_weight_ptr, cos, sin, eps, NUM_Q_HEADS, HALF, BLOCK, BLOCK_Q)
-    _norm_rope_heads(k_ptr + token * k_stride_n, k_stride_h, k_weight_ptr, cos, sin, eps, NUM_K_HEADS, HALF, BLOCK, BLOCK_K)
+    _norm_rope_heads(q_ptr + token * q_stride_n, q_stride_h, q_weight_ptr, cos, sin, eps, NUM_Q_HEADS, HALF, BLOCK, BLOCK_Q, NORM)
+    _norm_rope_heads(k_ptr + token * k_stride_n, k_stride_h, k_weight_ptr, cos, sin, eps, NUM_K_HEADS, HALF, BLOCK, BLOCK_K, NORM)
 
 
 def qk_norm_rope(
@@ -182,6 +185,22 @@ def qk_norm_rope(
         positions: int32/int64 [N], each in [0, max_positions) (not checked: that needs a sync).
         eps: the RMSNorm epsilon, shared by q and k.
     """
+    head_dim = q.shape[-1]
+    for name, weight in (("q_weight", q_weight), ("k_weight", k_weight)):
+        if weight.shape != (head_dim,) or weight.dtype != q.dtype:
+            raise ValueError(f"{name} must be [{head_dim}] of {q.dtype}, got {weight.dtype} {tuple(weight.shape)}")
+    _launch_rope(q, k, cos_sin, positions, q_weight.contiguous(), k_weight.contiguous(), eps)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor) -> None:
+    """GPT-NeoX rotary embedding of q and k, in place: each D-vector v becomes ``[v1 * cos - v2 * sin,
+    v2 * cos + v1 * sin]``, computed in fp32 and written back in the dtype. Arguments as `qk_norm_rope`'s."""
+    _launch_rope(q, k, cos_sin, positions, None, None, 0.0)
+
+
+def _launch_rope(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor,
+                 q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float) -> None:
+    """Check the shapes and launch one program a token; without weights the heads are only rotated."""
     if q.dim() != 3 or k.dim() != 3 or q.dtype not in _DTYPES or k.dtype != q.dtype:
         raise ValueError(f"q/k must be [N, H, D] fp16/bf16/fp32 tensors of one dtype, got {q.dtype} {tuple(q.shape)} and {k.dtype} {tuple(k.shape)}")
     num_tokens, num_q_heads, head_dim = q.shape
@@ -189,20 +208,18 @@ def qk_norm_rope(
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} need equal N and an equal, even D")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin.stride(-1) != 1:
         raise ValueError("q, k and cos_sin need a contiguous last dimension")
-    for name, weight in (("q_weight", q_weight), ("k_weight", k_weight)):
-        if weight.shape != (head_dim,) or weight.dtype != q.dtype:
-            raise ValueError(f"{name} must be [{head_dim}] of {q.dtype}, got {weight.dtype} {tuple(weight.shape)}")
     if cos_sin.dim() != 2 or cos_sin.shape[1] != head_dim or cos_sin.dtype != torch.float32:
         raise ValueError(f"cos_sin must be fp32 [max_positions, {head_dim}], got {cos_sin.dtype} {tuple(cos_sin.shape)}")
     if positions.shape != (num_tokens,) or positions.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"positions must be int32/int64 [{num_tokens}], got {positions.dtype} {tuple(positions.shape)}")
     if num_tokens == 0:
         return
-    _qk_norm_rope_kernel[(num_tokens,)](
+    norm = q_weight is not None
+    _rope_kernel[(num_tokens,)](
         q,
         k,
-        q_weight.contiguous(),
-        k_weight.contiguous(),
+        q_weight if norm else q,
+        k_weight if norm else k,
         cos_sin,
         positions,
         q.stride(0),
@@ -217,6 +234,7 @@ def qk_norm_rope(
         BLOCK=triton.next_power_of_2(head_dim // 2),
         BLOCK_Q=triton.next_power_of_2(num_q_heads),
         BLOCK_K=triton.next_power_of_2(k.shape[1]),
+        NORM=norm,
         num_warps=4,
         enable_fp_fusion=False,
     )

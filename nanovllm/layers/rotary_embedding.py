@@ -122,21 +122,24 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
-    def forward_with_qk_norm(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm
+    def apply(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q_norm(q) and k_norm(k). q: [N, Hq, D], k: [N, Hkv, D], positions: [N].
+        """Rotate q and k, after q_norm(q) and k_norm(k) when given. q: [N, Hq, D], k: [N, Hkv, D], positions: [N].
 
-        On CUDA one fused kernel normalises and rotates q and k in place and returns them (the
-        two norms must share eps); elsewhere it is `self(positions, q_norm(q), k_norm(k))`.
+        On CUDA one fused kernel (normalises and) rotates q and k in place and returns them (the two
+        norms must share eps); elsewhere it is the PyTorch path, `self(positions, q, k)` on the normed q and k.
         """
         if not q.is_cuda:
-            return self(positions, q_norm(q), k_norm(k))
-        if q_norm.eps != k_norm.eps:
-            raise ValueError(f"the fused q/k norm needs one eps, got {q_norm.eps} and {k_norm.eps}")
+            return self(positions, q_norm(q), k_norm(k)) if q_norm is not None else self(positions, q, k)
         from nanovllm.kernels import fused
 
-        fused.qk_norm_rope(q, k, q_norm.weight, k_norm.weight, self.cos_sin, positions, q_norm.eps)
+        if q_norm is None:
+            fused.rope(q, k, self.cos_sin, positions)
+        elif q_norm.eps != k_norm.eps:
+            raise ValueError(f"the fused q/k norm needs one eps, got {q_norm.eps} and {k_norm.eps}")
+        else:
+            fused.qk_norm_rope(q, k, q_norm.weight, k_norm.weight, self.cos_sin, positions, q_norm.eps)
         return q, k
 
 
