@@ -7,7 +7,8 @@ Compare `output_tok_per_s` with `tok_per_s` of `python bench.py` on the same car
 All clients start at once, as in bench.py. TTFT is from sending a request to its first text event; ITL
 is the gap between a request's consecutive text events (an event carries every token the request got
 since its previous one, so a client that falls behind sees fewer, larger events); TPOT is a request's
-(last event - first event) / (tokens - 1). CPU smoke run: `--preset tiny --num-seqs 4 --max-output-len 12
+(last event - first event) / (tokens - 1); tokens_per_event above 1 means the server merged steps for
+clients it could not keep up with. CPU smoke run: `--preset tiny --num-seqs 4 --max-output-len 12
 --client-procs 1 --server-args "--device cpu"`.
 """
 from __future__ import annotations
@@ -115,7 +116,8 @@ def main() -> None:
         "workload": args.workload, "clients": len(bodies), "client_procs": args.client_procs, "output_tokens": tokens,
         "expected_tokens": sum(max_tokens), "seconds": round(elapsed, 3), "output_tok_per_s": round(tokens / elapsed, 1),
         "ttft_ms_p50": ms(ttft, 50), "ttft_ms_p99": ms(ttft, 99), "itl_ms_p50": ms(itl, 50), "itl_ms_p99": ms(itl, 99),
-        "tpot_ms_p50": ms(tpot, 50), "tpot_ms_p99": ms(tpot, 99), "server_exit": server_exit, "server_args": args.server_args,
+        "tpot_ms_p50": ms(tpot, 50), "tpot_ms_p99": ms(tpot, 99), "tokens_per_event": round(tokens / sum(len(r[1]) for r in results), 2),
+        "server_exit": server_exit, "server_args": args.server_args,
     }
     line = json.dumps(figures)
     print(line)

@@ -110,7 +110,8 @@ class EngineClient:
         for accepted in message.accepted:
             self._resolve(accepted.request_id, accepted)
         for refused in message.refused:
-            self._streams.pop(refused.request_id)._forget(refused.request_id)
+            if (stream := self._streams.pop(refused.request_id, None)) is not None:
+                stream._forget(refused.request_id)
             self._resolve(refused.request_id, refused.error)
         woken = set()
         for output in message.outputs:
