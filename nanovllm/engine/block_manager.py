@@ -126,7 +126,7 @@ class BlockManager:
     def can_append(self, seq: Sequence, num_new_tokens: int = 1) -> bool:
         """Whether a running sequence can get slots for `num_new_tokens` more positions."""
         needed = seq.num_blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        return needed <= self.num_free_blocks
+        return needed <= len(self.free_block_ids)
 
     def may_append(self, seq: Sequence, num_new_tokens: int = 1) -> None:
         """Grow the block table to cover `num_computed_tokens + num_new_tokens` positions.
@@ -134,7 +134,9 @@ class BlockManager:
         Precondition: `can_append(seq, num_new_tokens)`; called before the step that computes them.
         """
         needed = seq.num_blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        if needed > self.num_free_blocks:
+        if needed <= 0:
+            return
+        if needed > len(self.free_block_ids):
             raise RuntimeError(f"not enough free KV blocks for sequence {seq.seq_id}")
         seq.block_table.extend(self._take_free_block() for _ in range(needed))
 

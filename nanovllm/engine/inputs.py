@@ -59,9 +59,9 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, sample_rows: dict[
     """The step's host arrays from sequence state (before `Scheduler.advance`). `sample_rows` maps a
     sequence id to its row in the previous step's sampled tokens (the source of its PENDING input)."""
     num_seqs = len(batch.seqs)
-    block_tables = np.full((num_seqs, max(len(s.block_table) for s in batch.seqs)), -1, dtype=np.int32)
-    for i, seq in enumerate(batch.seqs):
-        block_tables[i, : len(seq.block_table)] = seq.block_table
+    tables = [s.block_table for s in batch.seqs]
+    width = max(map(len, tables))
+    block_tables = np.array([t if len(t) == width else t + [-1] * (width - len(t)) for t in tables], dtype=np.int32)
     starts = np.fromiter((s.num_computed_tokens for s in batch.seqs), dtype=np.int64, count=num_seqs)
     counts = np.asarray(batch.num_new_tokens, dtype=np.int64)
     ends = starts + counts
@@ -75,10 +75,11 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, sample_rows: dict[
         positions = np.concatenate([np.arange(b, e, dtype=np.int64) for b, e in zip(starts.tolist(), ends.tolist())])
     seq_index = np.repeat(np.arange(num_seqs), counts)
     slot_mapping = (block_tables[seq_index, positions // block_size].astype(np.int64) * block_size + positions % block_size).astype(np.int32)
-    samples = np.fromiter((e == s.num_tokens for s, e in zip(batch.seqs, ends.tolist())), dtype=bool, count=num_seqs)
+    samples = np.fromiter((e == len(s.token_ids) for s, e in zip(batch.seqs, ends.tolist())), dtype=bool, count=num_seqs)
     prompt_rows: list[int] = []
     prompt_targets: list[int] = []
-    for seq, row, b, e in zip(batch.seqs, cu_seqlens_q[:-1].tolist(), starts.tolist(), ends.tolist()):
+    for i in [i for i, s in enumerate(batch.seqs) if s.sampling_params.prompt_logprobs is not None]:
+        seq, row, b, e = batch.seqs[i], int(cu_seqlens_q[i]), int(starts[i]), int(ends[i])
         count = num_prompt_logits(seq, b, e)
         prompt_rows.extend(range(row, row + count))
         prompt_targets.extend(seq.token_ids[b + 1 : b + 1 + count])

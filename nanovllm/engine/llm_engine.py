@@ -5,6 +5,7 @@ import gc
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Iterator, Sequence as SequenceType
 from itertools import count
 
@@ -144,13 +145,16 @@ class LLMEngine:
                 )
         return list(zip(prompts, token_lists, params_list))
 
-    def _enqueue(self, prompt: Prompt, token_ids: list[int], params: SamplingParams, index: int, stream: bool) -> Request:
+    def _enqueue(self, prompt: Prompt, token_ids: list[int], params: SamplingParams, index: int, stream: bool,
+                 outbox: deque[StreamChunk] | None = None) -> Request:
         """Queue one validated request: its n sequences. With the prefix cache on, sequences 2..n wait
-        until the first has computed the prompt, then find its blocks cached (the prompt is prefilled once)."""
+        until the first has computed the prompt, then find its blocks cached (the prompt is prefilled once).
+        `outbox`: where its chunks go (one per generate/stream call, shared by the call's requests)."""
         request_id = str(next(self._request_ids))
         seqs = [Sequence(token_ids, params, self.config.kvcache_block_size, request_id, i) for i in range(params.n)]
         completions = [Completion(seq, self.tokenizer) for seq in seqs]
-        request = Request(request_id, index, prompt if isinstance(prompt, str) else None, token_ids, params, stream, completions)
+        request = Request(request_id, index, prompt if isinstance(prompt, str) else None, token_ids, params, stream, completions,
+                          outbox=deque() if outbox is None else outbox)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
         self.requests[request_id] = request
@@ -207,9 +211,10 @@ class LLMEngine:
         """Read a launched step's tokens, resolve them in the scheduler, detokenize and emit."""
         sampled = handle.sampled()
         for seq, token in zip(batch.seqs, sampled):
-            request = self.requests.get(seq.request_id)
-            if token is not None and request is not None and seq.num_output_tokens == 0:
-                request.num_cached_tokens += seq.num_cached_tokens
+            # A first token (seq.num_output_tokens == 0, inline: this runs for every sequence of every step).
+            if token is not None and len(seq.token_ids) - seq.num_pending_tokens == seq.num_prompt_tokens:
+                if (request := self.requests.get(seq.request_id)) is not None:
+                    request.num_cached_tokens += seq.num_cached_tokens
         self._record_logprobs(batch.seqs, sampled, handle.output)
         self._record_prompt_logprobs(batch.seqs, handle)
         chunks = []
@@ -303,8 +308,8 @@ class LLMEngine:
     def _add_all(self, prompts: SequenceType[Prompt], sampling_params: SamplingParams | SequenceType[SamplingParams] | None, stream: bool) -> list[Request]:
         """Validate every request, then queue them all."""
         with self._lock:
-            requests = self._validate(prompts, sampling_params)
-            return [self._enqueue(prompt, token_ids, params, i, stream) for i, (prompt, token_ids, params) in enumerate(requests)]
+            requests, outbox = self._validate(prompts, sampling_params), deque()
+            return [self._enqueue(prompt, token_ids, params, i, stream, outbox) for i, (prompt, token_ids, params) in enumerate(requests)]
 
     def _step_and_route(self) -> tuple[int, int, float]:
         """One step; each chunk goes to its request's outbox. Returns (prefill tokens, decode tokens, seconds)."""
@@ -316,18 +321,27 @@ class LLMEngine:
         return num_prefill, num_decode, time.perf_counter() - start
 
     def _run(self, requests: list[Request], use_tqdm: bool) -> Iterator[StreamChunk]:
-        """Step until `requests` are done, yielding their chunks (other requests' chunks wait in their
-        outboxes for their own callers); abort the unfinished ones and forget them all at the end."""
+        """Step until `requests` (one call's, sharing one outbox) are done, yielding their chunks (other
+        calls' chunks wait in their own outboxes); abort the unfinished ones and forget them all at the end.
+        Work per step is proportional to the step's chunks, not to the call's requests: a request leaves
+        `unfinished` with its last finished chunk (or, should none come, when the engine has nothing left)."""
         bar = tqdm(total=sum(r.params.n for r in requests), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        outbox = requests[0].outbox if requests else deque()
+        unfinished = {request.request_id: request for request in requests}
         prefill_tps = decode_tps = 0.0
         try:
             while True:
                 with self._lock:
                     self._check_open()
-                    # Once per step over every request of this call: test the outbox before copying it.
-                    mine = [chunk for request in requests if request.outbox for chunk in request.take_chunks()]
+                    mine = list(outbox)
+                    outbox.clear()
+                    for chunk in mine:
+                        if chunk.finished and (request := unfinished.get(chunk.request_id)) is not None and request.finished:
+                            del unfinished[chunk.request_id]
                     if not mine:
-                        if all(request.finished for request in requests):
+                        if unfinished and self.is_finished():
+                            unfinished = {rid: request for rid, request in unfinished.items() if not request.finished}
+                        if not unfinished:
                             if self.scheduler.is_finished() and self._in_flight is not None:
                                 self._step_and_route()  # complete the last speculative step: nobody else will
                             return
@@ -373,6 +387,7 @@ class LLMEngine:
     def _stream(self, validated: list[tuple[Prompt, list[int], SamplingParams]]) -> Iterator[StreamChunk]:
         """Queue validated requests when first iterated."""
         with self._lock:
-            requests = [self._enqueue(prompt, token_ids, params, i, True) for i, (prompt, token_ids, params) in enumerate(validated)]
+            outbox = deque()
+            requests = [self._enqueue(prompt, token_ids, params, i, True, outbox) for i, (prompt, token_ids, params) in enumerate(validated)]
         yield from self._run(requests, use_tqdm=False)
 

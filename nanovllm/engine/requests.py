@@ -94,7 +94,8 @@ class Completion:
 @dataclass
 class Request:
     """A prompt and its n completions. `held`: sequences 2..n, queued once the first has computed the
-    prompt; `outbox`: chunks produced for this request that its caller has not taken yet;
+    prompt; `outbox`: chunks produced for this request that its caller has not taken yet (shared by the requests of one
+    generate/stream call);
     `prompt_logprobs`: the entries recorded so far ([None] at the start) when asked, else None."""
 
     request_id: str
@@ -117,11 +118,6 @@ class Request:
     def scheduled_seqs(self) -> list[Sequence]:
         """The sequences handed to the scheduler: all but the held ones (which it has never seen)."""
         return [c.seq for c in self.completions if c.seq not in self.held]
-
-    def take_chunks(self) -> list[StreamChunk]:
-        chunks = list(self.outbox)
-        self.outbox.clear()
-        return chunks
 
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [c.output() for c in self.completions],

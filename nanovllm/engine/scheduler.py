@@ -22,7 +22,7 @@ class ScheduledBatch:
 
     @property
     def is_decode(self) -> bool:
-        return all(n == 1 for n in self.num_new_tokens)
+        return not self.num_new_tokens or min(self.num_new_tokens) == max(self.num_new_tokens) == 1
 
     @property
     def num_tokens(self) -> int:
@@ -75,10 +75,6 @@ class Scheduler:
                 self._schedule_running(batch)
         return batch
 
-    def _at_length_limit(self, seq: Sequence) -> bool:
-        """Whether the sequence's tokens, pending ones included, already reach max_tokens or max_model_len."""
-        return seq.num_completion_tokens >= seq.sampling_params.max_tokens or seq.num_tokens >= self.max_model_len
-
     def _schedule_waiting(self, batch: ScheduledBatch) -> None:
         budget = self.max_num_batched_tokens - batch.num_tokens
         bm = self.block_manager
@@ -105,20 +101,22 @@ class Scheduler:
             budget -= num_new
 
     def _schedule_running(self, batch: ScheduledBatch) -> None:
+        # The hot loop of every step (up to max_num_seqs sequences): sequence properties read inline.
         budget = self.max_num_batched_tokens - batch.num_tokens
-        bm = self.block_manager
+        bm, seqs, num_new_tokens = self.block_manager, batch.seqs, batch.num_new_tokens
         i = 0
-        while i < len(self.running) and budget > 0 and len(batch.seqs) < self.max_num_seqs:
+        while i < len(self.running) and budget > 0 and len(seqs) < self.max_num_seqs:
             seq = self.running[i]
-            if self._at_length_limit(seq):
-                i += 1  # its pending token ends it; nothing more to compute
+            num_tokens = len(seq.token_ids)
+            if num_tokens - seq.num_prompt_tokens >= seq.sampling_params.max_tokens or num_tokens >= self.max_model_len:
+                i += 1  # at max_tokens or max_model_len: its pending token ends it; nothing more to compute
                 continue
-            num_new = min(seq.num_uncomputed_tokens, budget)
-            if not self._make_room(seq, num_new):
+            num_new = min(num_tokens - seq.num_computed_tokens, budget)
+            if not bm.can_append(seq, num_new) and not self._make_room(seq, num_new):
                 break
             bm.may_append(seq, num_new)
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(num_new)
+            seqs.append(seq)
+            num_new_tokens.append(num_new)
             budget -= num_new
             i += 1
 
@@ -183,7 +181,7 @@ class Scheduler:
         """Why `seq` ends after its newest known token `token_id`: any EOS id or a stop token past min_tokens
         ("stop"), max_tokens or max_model_len ("length")."""
         params = seq.sampling_params
-        num_output = seq.num_output_tokens
+        num_output = len(seq.token_ids) - seq.num_prompt_tokens - seq.num_pending_tokens  # seq.num_output_tokens, inline (hot)
         if num_output > params.min_tokens:
             if not params.ignore_eos and token_id in self.eos_token_ids:
                 return "stop"
