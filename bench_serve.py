@@ -22,11 +22,9 @@ import time
 
 import httpx
 import numpy as np
-from transformers import AutoConfig
 
 from benchmarks.server import ServerProcess
 from benchmarks.workloads import WORKLOADS, make_workload
-from nanovllm.testing import make_checkpoint
 
 
 async def one_request(client: httpx.AsyncClient, body: dict) -> tuple[float, list[float], int]:
@@ -89,6 +87,10 @@ def main() -> None:
     parser.add_argument("--client-procs", type=int, default=4, help="client processes the requests are spread over (default: 4)")
     parser.add_argument("--json", help="also append the figures to this file")
     args = parser.parse_args()
+    # Here, not at the top: the client processes re-import this module, and need neither torch nor transformers.
+    from transformers import AutoConfig
+
+    from nanovllm.testing import make_checkpoint
 
     scratch = None
     model = args.model
