@@ -1,7 +1,6 @@
 """A `nanovllm serve` subprocess on a free 127.0.0.1 port, started and waited for (bench_serve.py and the HTTP tests)."""
 from __future__ import annotations
 
-import os
 import pathlib
 import signal
 import socket

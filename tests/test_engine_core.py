@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from unittest import mock
 
 import pytest
 
@@ -17,12 +18,8 @@ LONG = SamplingParams(temperature=0, max_tokens=3000, ignore_eos=True)
 
 def start_client(model: str, max_waiting: int | None = None, **settings) -> tuple[EngineClient, asyncio.AbstractEventLoop]:
     """A client on the CPU with one intra-op thread (as the tests' own process), bound to a new event loop."""
-    saved = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
+    with mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "1"}):
         client = EngineClient(model, {"device": "cpu", **settings}, max_waiting)
-    finally:
-        os.environ.pop("OMP_NUM_THREADS") if saved is None else os.environ.__setitem__("OMP_NUM_THREADS", saved)
     event_loop = asyncio.new_event_loop()
     client.bind(event_loop)
     return client, event_loop
@@ -155,3 +152,28 @@ def test_bad_settings_fail_before_or_while_starting(tiny_model) -> None:
         EngineClient(tiny_model, {"device": "cpu"}, max_waiting=0)
     with pytest.raises(RuntimeError, match="max_model_len"):
         start_client(tiny_model, max_model_len=-1)
+
+
+def test_a_refusal_that_arrives_after_its_add_was_cancelled_harms_no_other_request(engine) -> None:
+    """The engine answers both adds in one Update while a long request decodes; the refused one was
+    cancelled (aborted) meanwhile: the others' outputs in that Update still reach them."""
+    client, run = engine
+
+    async def scenario() -> list[Output]:
+        running = OutputStream(client)
+        await running.add([7] * 20, LONG)
+        await until(lambda: running._buffer)
+        refused = asyncio.ensure_future(OutputStream(client).add([5] * 5000, SamplingParams()))
+        short = OutputStream(client)
+        accepted = asyncio.ensure_future(short.add([8] * 20, SamplingParams(temperature=0, max_tokens=1)))
+        await asyncio.sleep(0)
+        refused.cancel()
+        await accepted
+        try:
+            return await asyncio.wait_for(collect(short), 20)
+        finally:
+            running.close()
+
+    outputs = run(scenario())
+    assert len(outputs) == 1 and len(outputs[0].token_ids) == 1 and outputs[0].finish_reason == "length"
+    run(until(lambda: client.stats.num_blocks_used == 0))
