@@ -11,7 +11,7 @@ import torch
 
 from serving import REPO
 
-sys.path.insert(0, REPO)
+sys.path.insert(0, str(REPO))
 from benchmarks import kernel_sweep  # noqa: E402
 
 
