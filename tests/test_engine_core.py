@@ -103,8 +103,6 @@ def test_closing_a_stream_aborts_its_n_completions_and_frees_their_blocks(engine
         assert client.stats.num_running == 3 and client.stats.num_blocks_used >= 3
         assert len(stream.close()) == 1
         await until(lambda: client.stats.num_blocks_used == 0 and client.stats.num_running == 0)
-        await asyncio.sleep(0.05)
-        assert all(not o.finished for o in stream._buffer), "an aborted request gets no finished output"
 
     run(abort_midway())
 
