@@ -119,8 +119,6 @@ def test_wrong_shape_names_the_tensor(tiny_model, weights, tmp_path, name, shape
         loaded(path)
 
 
-
-
 def test_sharded_checkpoint_loads_the_same(tiny_model, weights, tmp_path):
     names = sorted(weights)
     shards = [{k: weights[k] for k in names[::2]}, {k: weights[k] for k in names[1::2]}]
