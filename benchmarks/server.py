@@ -39,7 +39,8 @@ class ServerProcess:
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        self.kill()
+        self.process.kill()  # not self.kill(): a subclass's may also release what its error message reads
+        self.process.wait(30)
         raise RuntimeError(f"the server was not ready within {timeout_s:.0f} s")
 
     def stop(self, timeout_s: float = 120) -> int:

@@ -20,7 +20,9 @@ class Server(ServerProcess):
         try:
             super().__init__(model, ["--log-level", "warning", *ENGINE_FLAGS, *flags], env, self.log, timeout_s=120)
         except RuntimeError as error:
-            raise RuntimeError(f"{error}: {self.output()[-3000:]}") from None
+            output = self.output()
+            self.log.close()
+            raise RuntimeError(f"{error}: {output[-3000:]}") from None
 
     def output(self) -> str:
         self.log.seek(0)
