@@ -146,10 +146,19 @@ def test_refusals_a_full_queue_and_close(tiny_model) -> None:
 
 
 def test_bad_settings_fail_before_or_while_starting(tiny_model) -> None:
+    """A failed start is waited for: the engine process unwinds and exits 1 (not terminated midway)."""
+    processes = []
+
+    class Recording(EngineClient):
+        def _wait_ready(self):
+            processes.append(self.process)
+            return super()._wait_ready()
+
     with pytest.raises(ValueError, match="max_waiting"):
         EngineClient(tiny_model, {"device": "cpu"}, max_waiting=0)
-    with pytest.raises(RuntimeError, match="max_model_len"):
-        start_client(tiny_model, max_model_len=-1)
+    with pytest.raises(RuntimeError, match="max_model_len"), mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "1"}):
+        Recording(tiny_model, {"device": "cpu", "max_model_len": -1})
+    assert processes[0].exitcode == 1
 
 
 def test_a_refusal_that_arrives_after_its_add_was_cancelled_harms_no_other_request(engine) -> None:

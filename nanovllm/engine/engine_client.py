@@ -70,6 +70,7 @@ class EngineClient:
             self.process.join(JOIN_TIMEOUT_S)
             raise RuntimeError(f"the engine process exited with code {self.process.exitcode} while loading the model") from None
         if isinstance(message, Failed):
+            self.process.join(JOIN_TIMEOUT_S)  # it exits on its own: let it unwind before close() would terminate it
             raise RuntimeError(message.reason)
         return message
 
