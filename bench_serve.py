@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import queue
 import tempfile
 import time
 
@@ -58,6 +59,17 @@ def client_process(url: str, bodies: list[dict], barrier, results) -> None:
     results.put(asyncio.run(run_clients(url, bodies, barrier.wait)))
 
 
+def next_result(results, workers: list) -> list[tuple[float, list[float], int]]:
+    """One client process's results; RuntimeError once any has failed (it sends none: waiting would hang)."""
+    while True:
+        try:
+            return results.get(timeout=1)
+        except queue.Empty:
+            failed = [worker.exitcode for worker in workers if worker.exitcode not in (None, 0)]
+            if failed:
+                raise RuntimeError(f"a client process failed (exit code {failed[0]}); its error is above") from None
+
+
 def run_client_processes(url: str, bodies: list[dict], procs: int) -> list[tuple[float, list[float], int]]:
     """Request i goes to process i % procs; the results of all processes (monotonic clocks are system-wide)."""
     context = mp.get_context("spawn")
@@ -67,7 +79,10 @@ def run_client_processes(url: str, bodies: list[dict], procs: int) -> list[tuple
     for worker in workers:
         worker.start()
     try:
-        gathered = [result for _ in workers for result in results.get()]
+        gathered = [result for _ in workers for result in next_result(results, workers)]
+    except BaseException:
+        barrier.abort()  # the others may be waiting there for the failed one
+        raise
     finally:
         for worker in workers:
             worker.join(30)

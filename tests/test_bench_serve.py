@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from benchmarks.server import REPO
+from benchmarks.server import REPO, free_port
 
 
 def test_bench_serve_smoke_on_cpu() -> None:
@@ -17,3 +17,10 @@ def test_bench_serve_smoke_on_cpu() -> None:
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["output_tokens"] == figures["expected_tokens"] > 0 and figures["server_exit"] == 0
     assert figures["output_tok_per_s"] > 0 and 0 < figures["ttft_ms_p50"] <= figures["ttft_ms_p99"]
+
+
+def test_a_client_process_that_fails_ends_the_run() -> None:
+    """Nothing listens on the port: every client process fails, and the run raises instead of waiting forever."""
+    code = f"import bench_serve; bench_serve.run_client_processes('http://127.0.0.1:{free_port()}', [{{}}] * 2, 2)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "RuntimeError: a client process failed" in done.stderr, done.stderr[-3000:]
