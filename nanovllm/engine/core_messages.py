@@ -48,7 +48,6 @@ class Ready:
     model: str  # the model folder as Config resolved it (the tokenizer is loaded from it)
     max_model_len: int
     has_tokenizer: bool
-    pid: int
 
 
 @dataclass(frozen=True)

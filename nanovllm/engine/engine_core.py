@@ -8,7 +8,6 @@ is prefilled once) whose n completions each deliver their own Outputs.
 """
 from __future__ import annotations
 
-import os
 import queue
 import signal
 import threading
@@ -191,7 +190,7 @@ def run_engine_core(model: str, engine_kwargs: dict, max_waiting: int | None, co
         raise SystemExit(1) from error
     try:
         config = engine.config
-        connection.send(Ready(config.model, config.max_model_len, engine.tokenizer is not None, os.getpid()))
+        connection.send(Ready(config.model, config.max_model_len, engine.tokenizer is not None))
     except BaseException:
         engine.exit()
         raise
