@@ -116,9 +116,10 @@ def main() -> None:
     max_tokens = [min(n, args.max_output_len or n) for n in workload.max_tokens][: args.num_seqs]
     bodies = [{"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0.6, "ignore_eos": True,
                "stream": True, "stream_options": {"include_usage": True}} for prompt, n in zip(workload.prompts, max_tokens)]
+    client_procs = min(args.client_procs, len(bodies))
     server = ServerProcess(model, ["--log-level", "warning", *args.server_args.split()])
     try:
-        results = run_client_processes(server.url, bodies, min(args.client_procs, len(bodies)))
+        results = run_client_processes(server.url, bodies, client_procs)
     finally:
         server_exit = server.stop()
         if scratch is not None:
@@ -130,7 +131,7 @@ def main() -> None:
     tokens = sum(r[2] for r in results)
     ms = lambda values, q: round(1000 * float(np.percentile(values, q)), 2) if len(values) else None
     figures = {
-        "workload": args.workload, "clients": len(bodies), "client_procs": args.client_procs, "output_tokens": tokens,
+        "workload": args.workload, "clients": len(bodies), "client_procs": client_procs, "output_tokens": tokens,
         "expected_tokens": sum(max_tokens), "seconds": round(elapsed, 3), "output_tok_per_s": round(tokens / elapsed, 1),
         "ttft_ms_p50": ms(ttft, 50), "ttft_ms_p99": ms(ttft, 99), "itl_ms_p50": ms(itl, 50), "itl_ms_p99": ms(itl, 99),
         "tpot_ms_p50": ms(tpot, 50), "tpot_ms_p99": ms(tpot, 99), "tokens_per_event": round(tokens / sum(len(r[1]) for r in results), 2),
