@@ -11,7 +11,7 @@ import pytest
 
 from conftest import make_llm, random_prompts
 from nanovllm import SamplingParams
-from nanovllm.engine.engine_client import EngineClient, EngineStopped, Output, OutputStream, QueueFull
+from nanovllm.engine.engine_client import EngineClient, EngineStopped, Output, OutputStream, QueueFull, merge_outputs
 
 LONG = SamplingParams(temperature=0, max_tokens=3000, ignore_eos=True)
 
@@ -120,7 +120,7 @@ def test_abort_of_n_completions_before_the_siblings_are_scheduled(tiny_model) ->
 
 def test_refusals_a_full_queue_and_close(tiny_model) -> None:
     client, event_loop = start_client(tiny_model, max_waiting=1, max_num_seqs=1, max_model_len=512)
-    long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True, logprobs=1)
 
     async def scenario() -> tuple[list[Output], list[Output]]:
         with pytest.raises(ValueError, match="max_model_len"):
@@ -141,7 +141,9 @@ def test_refusals_a_full_queue_and_close(tiny_model) -> None:
     running, waiting = event_loop.run_until_complete(scenario())
     event_loop.close()
     assert running[-1].finish_reason == waiting[-1].finish_reason == "abort"
-    assert [(o.text, o.token_ids, o.finished, o.finish_reason) for o in waiting] == [("", [], True, "abort")]
+    assert [(o.text, o.token_ids, o.logprobs, o.finished, o.finish_reason) for o in waiting] == [("", [], [], True, "abort")]
+    [merged] = merge_outputs(running)
+    assert len(merged.logprobs) == len(merged.token_ids) > 0, "the abort output keeps the logprobs asked for (a list, empty)"
     assert client.process.exitcode == 0
 
 

@@ -168,8 +168,9 @@ class EngineCore:
                 self._update.refused.append(Refused(message.request_id, EngineStopped("the engine is stopped")))
         for engine_id, live in list(self._live.items()):
             self.engine.abort(engine_id)
+            asked = live.seq.sampling_params.logprobs is not None  # then logprobs is a list, as in every other Output
             for index in sorted(live.unfinished):
-                self._update.outputs.append(Output(live.request_id, index, "", [], None, True, "abort"))
+                self._update.outputs.append(Output(live.request_id, index, "", [], [] if asked else None, True, "abort"))
         self._live.clear()
         self._engine_ids.clear()
         self._sent_stats = None
