@@ -110,6 +110,7 @@ class Floor:
     kv_bytes: float
     weight_bytes: float
     prefill_flops: float
+    params: ModelParams
 
     def seconds(self, bandwidth: float, matmul_rate: float) -> float:
         return (self.kv_bytes + self.weight_bytes) / bandwidth + self.prefill_flops / matmul_rate
@@ -131,7 +132,7 @@ def workload_floor(llm: LLM, workload: Workload, step_tokens: list[int]) -> Floo
         kv_tokens += sum(p + j - 1 for j in range(2, t + 1))
         attention = 4 * hf.num_hidden_layers * hf.num_attention_heads * head_dim * p * (p + 1) / 2
         prefill_flops += 2 * params.active * p + attention + 2 * hf.vocab_size * hf.hidden_size
-    return Floor(kv_tokens * kv_per_token, weight_bytes, prefill_flops)
+    return Floor(kv_tokens * kv_per_token, weight_bytes, prefill_flops, params)
 
 
 def step_kind(batch) -> str:
@@ -234,7 +235,7 @@ def run_throughput(llm: LLM, args: argparse.Namespace) -> dict:
     if workload.name != "prefix":
         floor_s = floor.seconds(bandwidth, matmul_rate)
         figures.update({"floor_s": round(floor_s, 3), "pct_of_floor": round(100 * floor_s / elapsed, 1)})
-    params = ModelParams.of(llm)
+    params = floor.params
     if params.experts:
         figures["floor_assumes"] = (f"uniform routing: a step of n tokens reads E(1-(1-k/E)^n) of E={params.num_experts} experts "
                                     f"per layer (k={params.top_k}); prefill FLOPs count k of E")

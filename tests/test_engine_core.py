@@ -111,8 +111,12 @@ def test_abort_of_n_completions_before_the_siblings_are_scheduled(tiny_model) ->
     """Siblings 2..n wait for the first to prefill the prompt; aborting then frees what was queued."""
     llm = make_llm(tiny_model)
     seq = llm.add_request([7] * 40, SamplingParams(n=3, temperature=1.0, max_tokens=4))
+    request = llm.requests[seq.request_id]
+    assert len(request.held) == 2
     llm.abort(seq.request_id)
     assert llm.scheduler.is_finished() and not llm.scheduler.block_manager.used_block_ids
+    # The held siblings end too: a generate/stream call waiting on this request sees it finished.
+    assert request.finished and [c.seq.finish_reason for c in request.completions] == ["abort"] * 3
     [out] = llm.generate([[7] * 40], SamplingParams(n=2, temperature=0, max_tokens=4), use_tqdm=False)
     assert [len(c.token_ids) for c in out.outputs] == [4, 4]
     llm.exit()

@@ -177,8 +177,9 @@ class LLMEngine:
             request_id = request.request_id if isinstance(request, Sequence) else request
             state = self.requests.pop(request_id, None)
             if state is not None:
-                for seq in state.scheduled_seqs:
-                    self.scheduler.abort(seq)
+                for completion in state.completions:
+                    self.scheduler.abort(completion.seq)
+                state.held = []
 
     # ---- the step loop --------------------------------------------------------------------
 

@@ -192,9 +192,14 @@ class Scheduler:
         return None
 
     def abort(self, seq: Sequence) -> None:
-        """Remove an unfinished sequence from whichever queue holds it and free its blocks (no-op once finished)."""
-        if not seq.is_finished:
-            self.finish(seq, "abort")
+        """Remove an unfinished sequence from whichever queue holds it and free its blocks (no-op once finished).
+        A sequence never queued (held back by the engine until a sibling computed the prompt) is only marked finished."""
+        if seq.is_finished:
+            return
+        if seq.status == SequenceStatus.WAITING and seq not in self.waiting:
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+            return
+        self.finish(seq, "abort")
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End a sequence after its newest known token: free its blocks and drop tokens still pending

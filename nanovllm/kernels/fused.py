@@ -185,11 +185,7 @@ def qk_norm_rope(
         positions: int32/int64 [N], each in [0, max_positions) (not checked: that needs a sync).
         eps: the RMSNorm epsilon, shared by q and k.
     """
-    head_dim = q.shape[-1]
-    for name, weight in (("q_weight", q_weight), ("k_weight", k_weight)):
-        if weight.shape != (head_dim,) or weight.dtype != q.dtype:
-            raise ValueError(f"{name} must be [{head_dim}] of {q.dtype}, got {weight.dtype} {tuple(weight.shape)}")
-    _launch_rope(q, k, cos_sin, positions, q_weight.contiguous(), k_weight.contiguous(), eps)
+    _launch_rope(q, k, cos_sin, positions, q_weight, k_weight, eps)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor) -> None:
@@ -212,14 +208,17 @@ def _launch_rope(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positi
         raise ValueError(f"cos_sin must be fp32 [max_positions, {head_dim}], got {cos_sin.dtype} {tuple(cos_sin.shape)}")
     if positions.shape != (num_tokens,) or positions.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"positions must be int32/int64 [{num_tokens}], got {positions.dtype} {tuple(positions.shape)}")
+    norm = q_weight is not None
+    for name, weight in (("q_weight", q_weight), ("k_weight", k_weight)) if norm else ():
+        if weight.shape != (head_dim,) or weight.dtype != q.dtype:
+            raise ValueError(f"{name} must be [{head_dim}] of {q.dtype}, got {weight.dtype} {tuple(weight.shape)}")
     if num_tokens == 0:
         return
-    norm = q_weight is not None
     _rope_kernel[(num_tokens,)](
         q,
         k,
-        q_weight if norm else q,
-        k_weight if norm else k,
+        q_weight.contiguous() if norm else q,
+        k_weight.contiguous() if norm else k,
         cos_sin,
         positions,
         q.stride(0),
