@@ -124,8 +124,9 @@ def main() -> None:
         server_exit = server.stop()
         if scratch is not None:
             scratch.cleanup()
-    elapsed = max(r[1][-1] for r in results) - min(r[0] for r in results)
-    ttft = [r[1][0] - r[0] for r in results]
+    timed = [r for r in results if r[1]]  # a request may end without a text event (only incomplete characters)
+    elapsed = max(r[1][-1] for r in timed) - min(r[0] for r in results)
+    ttft = [r[1][0] - r[0] for r in timed]
     itl = [gap for r in results for gap in np.diff(r[1])]
     tpot = [(r[1][-1] - r[1][0]) / (r[2] - 1) for r in results if r[2] > 1]
     tokens = sum(r[2] for r in results)
