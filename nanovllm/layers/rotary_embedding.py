@@ -122,7 +122,7 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
-    def apply(
+    def rotate_qk(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q and k, after q_norm(q) and k_norm(k) when given. q: [N, Hq, D], k: [N, Hkv, D], positions: [N].

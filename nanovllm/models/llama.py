@@ -55,7 +55,7 @@ class DenseAttention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb.apply(positions, q, k, *((self.q_norm, self.k_norm) if self.qk_norm else ()))
+        q, k = self.rotary_emb.rotate_qk(positions, q, k, *((self.q_norm, self.k_norm) if self.qk_norm else ()))
         o = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim))
         return self.o_proj(o.flatten(1, -1))
 
