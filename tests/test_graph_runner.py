@@ -53,7 +53,8 @@ def test_load_pads_a_step_to_its_graph_shape():
     inputs = StepInputs(
         input_ids=np.array([11, 12, 13, 14]), positions=np.array([5, 6, 7, 12]), slot_mapping=np.array([5, 6, 7, 28], dtype=np.int32),
         cu_seqlens_q=np.array([0, 3, 4], dtype=np.int32), seq_lens=np.array([8, 13], dtype=np.int32),
-        block_tables=np.array([[0, -1], [1, 2]], dtype=np.int32), logits_indices=np.array([2, 3]), max_seqlen_k=13,
+        block_tables=np.array([[0, -1], [1, 2]], dtype=np.int32), samples=np.array([True, True]), logits_indices=np.array([2, 3]),
+        max_seqlen_k=13,
         is_decode=False, pending_rows=np.zeros(0, dtype=np.int64), pending_src=np.zeros(0, dtype=np.int64),
     )
     shape = runner.shape_for(inputs.num_tokens, inputs.num_seqs, inputs.is_decode)

@@ -15,7 +15,8 @@ class StepInputs:
     """Host arrays for one forward pass: the whole message a TP worker needs (B seqs, N tokens, S sampled).
 
     input_ids/positions int64 [N]; slot_mapping int32 [N]; cu_seqlens_q int32 [B+1];
-    seq_lens int32 [B]; block_tables int32 [B, W] padded with -1; logits_indices int64 [S].
+    seq_lens int32 [B]; block_tables int32 [B, W] padded with -1; samples bool [B]: whether the step reaches
+    sequence b's last token (it samples); logits_indices int64 [S]: the last row of each sampling sequence.
     prompt_logits_indices int64 [R]: rows whose logits score the next prompt token (prompt_logprobs),
     prompt_targets int64 [R] those tokens; their logits follow the S sampled rows'.
     Under overlap scheduling some input ids are PENDING: `input_ids[pending_rows]` is taken on the
@@ -29,6 +30,7 @@ class StepInputs:
     cu_seqlens_q: np.ndarray
     seq_lens: np.ndarray
     block_tables: np.ndarray
+    samples: np.ndarray
     logits_indices: np.ndarray
     max_seqlen_k: int
     is_decode: bool
@@ -92,6 +94,7 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, sample_rows: dict[
         cu_seqlens_q=cu_seqlens_q,
         seq_lens=ends.astype(np.int32),
         block_tables=block_tables,
+        samples=samples,
         logits_indices=(cu_seqlens_q[1:][samples] - 1).astype(np.int64),
         max_seqlen_k=int(ends.max()),
         is_decode=batch.is_decode,
@@ -115,6 +118,7 @@ def prefill_inputs(num_seqs: int, seq_len: int, block_size: int) -> StepInputs:
         cu_seqlens_q=np.arange(0, (num_seqs + 1) * seq_len, seq_len, dtype=np.int32),
         seq_lens=np.full(num_seqs, seq_len, dtype=np.int32),
         block_tables=block_tables,
+        samples=np.ones(num_seqs, dtype=bool),
         logits_indices=np.arange(seq_len - 1, num_seqs * seq_len, seq_len, dtype=np.int64),
         max_seqlen_k=seq_len,
         is_decode=False,

@@ -249,7 +249,7 @@ class ModelRunner:
         device for the next step's PENDING inputs and are copied to the host behind the step."""
         inputs = self.prepare(batch)
         logits = self._execute_on_all_ranks(inputs)
-        samples = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(batch.seqs, batch.num_new_tokens)]
+        samples = inputs.samples.tolist()
         prompt_spans = [(s.num_computed_tokens, num_prompt_logits(s, s.num_computed_tokens, s.num_computed_tokens + n))
                         for s, n in zip(batch.seqs, batch.num_new_tokens)] if len(inputs.prompt_targets) else []
         prompt_logprobs = self._prompt_logprobs(batch, logits[len(inputs.logits_indices) :], inputs.prompt_targets)
