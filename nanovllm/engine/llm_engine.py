@@ -91,10 +91,8 @@ class LLMEngine:
             self._shut_down()
             del self.model_runner
             self._in_flight = None
-            for request in self.requests.values():
-                for seq in request.scheduled_seqs:
-                    self.scheduler.abort(seq)
-            self.requests.clear()
+            for request_id in list(self.requests):
+                self.abort(request_id)
             gc.collect()
             if on_cuda:
                 torch.cuda.empty_cache()

@@ -114,11 +114,6 @@ class Request:
     def finished(self) -> bool:
         return not self.held and all(c.seq.is_finished for c in self.completions)
 
-    @property
-    def scheduled_seqs(self) -> list[Sequence]:
-        """The sequences handed to the scheduler: all but the held ones (which it has never seen)."""
-        return [c.seq for c in self.completions if c.seq not in self.held]
-
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [c.output() for c in self.completions],
                              self.finished, self.num_cached_tokens, self.prompt_logprobs)
