@@ -80,5 +80,11 @@ def make_llm(path: str, **kwargs: object) -> LLM:
     return LLM(path, **settings)
 
 
+@pytest.fixture(scope="module")
+def llm(tiny_model: str) -> LLM:
+    """A CPU engine on the tiny checkpoint with make_llm's settings, one per test module."""
+    return make_llm(tiny_model)
+
+
 def assert_invariants(llm: LLM) -> None:
     llm.scheduler.block_manager.check_invariants(llm.scheduler.live_sequences())

@@ -46,11 +46,6 @@ def assert_clean(llm) -> None:
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_model):
-    return make_llm(tiny_model)
-
-
-@pytest.fixture(scope="module")
 def eos_prompt(hf) -> list[int]:
     """A 6-token prompt after which HF's greedy next token is EOS (found among 4096 random prompts)."""
     candidates = torch.randint(3, 1900, (4096, 6), generator=torch.Generator().manual_seed(0))

@@ -24,11 +24,6 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_model):
-    return make_llm(tiny_model)
-
-
-@pytest.fixture(scope="module")
 def prompts(vocab_ids):
     return random_prompts(4, 5, 40, vocab_ids, seed=50)
 

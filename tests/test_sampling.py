@@ -252,11 +252,6 @@ def test_seeded_rows_ignore_the_rest_of_the_batch():
 # ---- the engine -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_model):
-    return make_llm(tiny_model)
-
-
 def test_greedy_top_k_1_and_tiny_temperature_match_hf(llm, hf, vocab_ids):
     prompts = random_prompts(6, 1, 80, vocab_ids, seed=20)
     settings = [dict(temperature=0.0), dict(temperature=1.0, top_k=1), dict(temperature=1e-6), dict(temperature=0.8, top_k=1, seed=3)]

@@ -14,11 +14,6 @@ from nanovllm import SamplingParams
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_model):
-    return make_llm(tiny_model)
-
-
-@pytest.fixture(scope="module")
 def prompts(vocab_ids):
     return random_prompts(3, 8, 40, vocab_ids, seed=70)
 
