@@ -252,9 +252,9 @@ class LLMEngine:
             return
         entries = LogprobEntries(handle.prompt_logprobs, self._token_text)
         row = 0
-        for seq, (start, count) in zip(seqs, handle.prompt_spans):
+        for seq, (start, num_positions) in zip(seqs, handle.prompt_spans):
             request = self.requests.get(seq.request_id)
-            for position in range(start, start + count):
+            for position in range(start, start + num_positions):
                 if request is not None and position + 1 == len(request.prompt_logprobs):
                     request.prompt_logprobs.append(entries.entry(row, seq.sampling_params.prompt_logprobs))
                 row += 1
