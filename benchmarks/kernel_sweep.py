@@ -307,29 +307,13 @@ def fmt(case: Case, us: float, rates: dict) -> str:
 
 
 def measure_rates(device: torch.device) -> dict:
-    """Read+write bytes/s of a 1 GiB device-to-device copy and FLOP/s of a bf16 8192^3 matmul."""
+    """bench.py's references, measured in this process: read+write bytes/s of a 1 GiB device-to-device copy
+    and FLOP/s of a bf16 8192^3 matmul (none on CPU)."""
     if device.type != "cuda":
         return {}
+    from bench import measure_copy_bandwidth, measure_matmul_rate
 
-    def seconds(fn, iters: int) -> float:
-        for _ in range(3):
-            fn()
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        return begin.elapsed_time(end) / 1e3 / iters
-
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy = 2 * src.numel() / seconds(lambda: dst.copy_(src), 20)
-    del src, dst
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    matmul = 2 * 8192 ** 3 / seconds(lambda: torch.matmul(a, b), 10)
-    return {"copy": copy, "matmul": matmul}
+    return {"copy": measure_copy_bandwidth(device), "matmul": measure_matmul_rate(device, torch.bfloat16)}
 
 
 def _precompile(job: tuple) -> str | None:
