@@ -12,13 +12,13 @@ import time
 
 import pytest
 from conftest import make_llm, random_prompts
+from serving import REPO
 
 from nanovllm import SamplingParams
 from nanovllm.entrypoints.batch import BatchDone, BatchSummary, OrderedWriter, run_batch
 
 # make_llm's engine, so the runner's output can be compared with one offline generate call.
 ENGINE = dict(device="cpu", kvcache_block_size=16, max_model_len=512, max_num_batched_tokens=1024, num_kvcache_blocks=256)
-REPO = str(pathlib.Path(__file__).resolve().parents[1])
 
 
 def good_rows(count: int, vocab: int) -> list[dict]:
@@ -185,7 +185,7 @@ def test_ordered_writer_writes_in_row_order_and_refuses_a_row_twice(tmp_path: pa
 def ray_cluster():
     ray = pytest.importorskip("ray")
     # The replicas import this checkout's nanovllm, whatever is installed.
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": REPO}})
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield ray
     ray.shutdown()
 
@@ -274,7 +274,7 @@ def test_two_gpu_replicas_equal_one_generate(tiny_model: str, vocab_ids: int, ba
     ray = pytest.importorskip("ray")
     path, _, bad = batch_input
     expected = reference(tiny_model, good_rows(200, vocab_ids), device="cuda")
-    ray.init(num_cpus=4, num_gpus=2 * tp, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": REPO}})
+    ray.init(num_cpus=4, num_gpus=2 * tp, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
         summary = run_batch(tiny_model, str(path), str(tmp_path / "out.jsonl"), replicas=2, batch_size=16, batch_timeout_s=300,
                             use_tqdm=False, **{**ENGINE, "device": "cuda", "tensor_parallel_size": tp})

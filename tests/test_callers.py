@@ -17,6 +17,7 @@ import weakref
 import pytest
 import torch
 from conftest import make_llm, random_prompts
+from serving import REPO
 
 from nanovllm import LLM, SamplingParams
 
@@ -149,7 +150,7 @@ def test_tensor_parallel_script_without_main_guard_fails_fast(tiny_model, tmp_pa
                   max_model_len=256, max_num_batched_tokens=256, num_kvcache_blocks=32)
         print("started")
     """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     start = time.monotonic()
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     elapsed = time.monotonic() - start

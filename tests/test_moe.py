@@ -9,9 +9,10 @@ import sys
 import pytest
 import torch
 
+from serving import REPO
+
 from nanovllm.layers.fused_moe import fused_moe_reference, select_experts
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
 
@@ -77,7 +78,7 @@ def test_bandwidth_benchmark_checks_the_interpreted_kernel_on_cpu(tmp_path):
     from benchmarks.moe_bandwidth import SMOKE, check
 
     out = tmp_path / "moe.jsonl"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": REPO}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "benchmarks.moe_bandwidth", "--device", "cpu", "--smoke", "--batches", "1,8", "--layers", "1", "--json", str(out)]
     subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True, timeout=120)
     rows = json.loads(out.read_text())["rows"]
