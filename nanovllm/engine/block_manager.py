@@ -121,24 +121,29 @@ class BlockManager:
         seq.block_hashes = list(hit_hashes)
         seq.num_cached_tokens = seq.num_computed_tokens = len(hit_ids) * self.block_size
         self.num_hit_tokens += seq.num_cached_tokens
-        self.may_append(seq, num_new_tokens)
+        seq.block_table.extend(self._take_free_block() for _ in range(self._blocks_missing(seq, num_new_tokens)))
+
+    def _blocks_missing(self, seq: Sequence, num_new_tokens: int) -> int:
+        """Blocks `seq` lacks to cover `num_computed_tokens + num_new_tokens` positions (<= 0: none).
+        Runs for every sequence of every step: the ceiling division is written out, not a method call."""
+        return -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(seq.block_table)
 
     def can_append(self, seq: Sequence, num_new_tokens: int = 1) -> bool:
         """Whether a running sequence can get slots for `num_new_tokens` more positions."""
-        needed = seq.num_blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        return needed <= len(self.free_block_ids)
+        return self._blocks_missing(seq, num_new_tokens) <= len(self.free_block_ids)
 
-    def may_append(self, seq: Sequence, num_new_tokens: int = 1) -> None:
-        """Grow the block table to cover `num_computed_tokens + num_new_tokens` positions.
-
-        Precondition: `can_append(seq, num_new_tokens)`; called before the step that computes them.
+    def may_append(self, seq: Sequence, num_new_tokens: int = 1) -> bool:
+        """Grow the block table to cover `num_computed_tokens + num_new_tokens` positions, if the free
+        blocks allow (the answer `can_append` gives); False when they do not, and nothing changed.
+        Called before the step that computes them.
         """
-        needed = seq.num_blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        needed = self._blocks_missing(seq, num_new_tokens)
         if needed <= 0:
-            return
+            return True
         if needed > len(self.free_block_ids):
-            raise RuntimeError(f"not enough free KV blocks for sequence {seq.seq_id}")
+            return False
         seq.block_table.extend(self._take_free_block() for _ in range(needed))
+        return True
 
     def commit_computed(self, seq: Sequence) -> None:
         """Hash the blocks that became full and computed; called after `num_computed_tokens` advanced."""

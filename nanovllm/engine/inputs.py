@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 import torch
@@ -57,36 +58,48 @@ def num_prompt_logits(seq: Sequence, start: int, end: int) -> int:
     return max(0, min(end, seq.num_prompt_tokens - 1) - start)
 
 
+def padded_block_tables(tables: list[list[int]]) -> np.ndarray:
+    """int32 [B, W] of the block tables, each padded with -1 to the longest (W)."""
+    lengths = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+    width = int(lengths.max())
+    block_tables = np.full((len(tables), width), -1, dtype=np.int32)
+    block_tables[np.arange(width) < lengths[:, None]] = np.fromiter(chain.from_iterable(tables), dtype=np.int32, count=int(lengths.sum()))
+    return block_tables
+
+
 def build_step_inputs(batch: ScheduledBatch, block_size: int, sample_rows: dict[int, int], share_sampled: bool) -> StepInputs:
     """The step's host arrays from sequence state (before `Scheduler.advance`). `sample_rows` maps a
-    sequence id to its row in the previous step's sampled tokens (the source of its PENDING input)."""
-    num_seqs = len(batch.seqs)
-    tables = [s.block_table for s in batch.seqs]
-    width = max(map(len, tables))
-    block_tables = np.array([t if len(t) == width else t + [-1] * (width - len(t)) for t in tables], dtype=np.int32)
-    starts = np.fromiter((s.num_computed_tokens for s in batch.seqs), dtype=np.int64, count=num_seqs)
-    counts = np.asarray(batch.num_new_tokens, dtype=np.int64)
+    sequence id to its row in the previous step's sampled tokens (the source of its PENDING input).
+
+    Runs for every step over every sequence: one list comprehension per attribute read, then numpy."""
+    seqs = batch.seqs
+    num_seqs = len(seqs)
+    block_tables = padded_block_tables([s.block_table for s in seqs])
+    starts = np.array([s.num_computed_tokens for s in seqs], dtype=np.int64)
+    lengths = np.array([len(s.token_ids) for s in seqs], dtype=np.int64)
+    counts = np.array(batch.num_new_tokens, dtype=np.int64)
     ends = starts + counts
     cu_seqlens_q = np.zeros(num_seqs + 1, dtype=np.int32)
     np.cumsum(counts, out=cu_seqlens_q[1:])
     if batch.is_decode:
-        input_ids = np.fromiter((s.token_ids[e - 1] for s, e in zip(batch.seqs, ends.tolist())), dtype=np.int64, count=num_seqs)
+        input_ids = np.array([s.token_ids[e - 1] for s, e in zip(seqs, ends.tolist())], dtype=np.int64)
         positions = starts
+        seq_index = np.arange(num_seqs)
     else:
-        input_ids = np.concatenate([np.asarray(s.token_ids[b:e], dtype=np.int64) for s, b, e in zip(batch.seqs, starts.tolist(), ends.tolist())])
-        positions = np.concatenate([np.arange(b, e, dtype=np.int64) for b, e in zip(starts.tolist(), ends.tolist())])
-    seq_index = np.repeat(np.arange(num_seqs), counts)
+        input_ids = np.concatenate([np.asarray(s.token_ids[b:e], dtype=np.int64) for s, b, e in zip(seqs, starts.tolist(), ends.tolist())])
+        seq_index = np.repeat(np.arange(num_seqs), counts)
+        positions = np.arange(len(input_ids), dtype=np.int64) - np.repeat(cu_seqlens_q[:-1] - starts, counts)
     slot_mapping = (block_tables[seq_index, positions // block_size].astype(np.int64) * block_size + positions % block_size).astype(np.int32)
-    samples = np.fromiter((e == len(s.token_ids) for s, e in zip(batch.seqs, ends.tolist())), dtype=bool, count=num_seqs)
+    samples = ends == lengths
     prompt_rows: list[int] = []
     prompt_targets: list[int] = []
-    for i in [i for i, s in enumerate(batch.seqs) if s.sampling_params.prompt_logprobs is not None]:
-        seq, row, b, e = batch.seqs[i], int(cu_seqlens_q[i]), int(starts[i]), int(ends[i])
+    for i in [i for i, s in enumerate(seqs) if s.sampling_params.prompt_logprobs is not None]:
+        seq, row, b, e = seqs[i], int(cu_seqlens_q[i]), int(starts[i]), int(ends[i])
         count = num_prompt_logits(seq, b, e)
         prompt_rows.extend(range(row, row + count))
         prompt_targets.extend(seq.token_ids[b + 1 : b + 1 + count])
     pending_rows = np.flatnonzero(input_ids == PENDING)
-    pending_src = np.fromiter((sample_rows[batch.seqs[i].seq_id] for i in seq_index[pending_rows].tolist()), dtype=np.int64, count=len(pending_rows))
+    pending_src = np.array([sample_rows[seqs[i].seq_id] for i in seq_index[pending_rows].tolist()], dtype=np.int64)
     return StepInputs(
         input_ids=input_ids,
         positions=positions,

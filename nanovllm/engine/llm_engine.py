@@ -270,27 +270,31 @@ class LLMEngine:
         """
         seq = completion.seq
         params = seq.sampling_params
+        finished = seq.is_finished
+        if not (request.stream or params.stop or finished):
+            return None  # the usual generate() completion: nothing to do until it ends
         detok = completion.detokenizer
-        if detok is not None and (request.stream or params.stop or seq.is_finished):
+        if detok is not None:
             old_len = len(detok.text)
-            detok.add(seq.completion_token_ids[len(detok.token_ids) :], final=seq.is_finished)
+            detok.add(seq.completion_token_ids_from(len(detok.token_ids)), final=finished)
             if params.stop and seq.num_output_tokens >= params.min_tokens:
                 hit = find_stop(detok.text, params.stop, params.include_stop_str_in_output, old_len)
                 if hit is not None:
                     detok.text, completion.stop_reason = hit
                     self.scheduler.finish(seq, "stop")
+                    finished = True
         if seq.finish_reason == "stop" and completion.stop_reason is None and seq.completion_token_ids[-1] in params.stop_token_ids:
             completion.stop_reason = seq.completion_token_ids[-1]
         if not request.stream:
-            return StreamChunk(request.index, "", [], True, seq.finish_reason, request.request_id, completion.index) if seq.is_finished else None
+            return StreamChunk(request.index, "", [], True, seq.finish_reason, request.request_id, completion.index) if finished else None
         text = completion.text
-        held_back = max((len(s) for s in params.stop), default=1) - 1
-        visible = len(text) if seq.is_finished else max(completion.num_streamed_chars, len(text) - held_back)
+        held_back = max(map(len, params.stop)) - 1 if params.stop else 0
+        visible = len(text) if finished else max(completion.num_streamed_chars, len(text) - held_back)
         chunk = StreamChunk(
             request.index,
             text[completion.num_streamed_chars : visible],
-            seq.completion_token_ids[completion.num_streamed_tokens :],
-            seq.is_finished,
+            seq.completion_token_ids_from(completion.num_streamed_tokens),
+            finished,
             seq.finish_reason,
             request.request_id,
             completion.index,

@@ -13,7 +13,7 @@ from nanovllm.config import Config
 from nanovllm.engine.graph_runner import GraphRunner
 from nanovllm.engine.inputs import StepInputs, build_step_inputs, num_prompt_logits, prefill_inputs, to_device
 from nanovllm.engine.rpc import Call, CommandReader, WorkerEnd, Workers
-from nanovllm.engine.sampling_inputs import PromptTokenTable, build_sampling_tensors
+from nanovllm.engine.sampling_inputs import SamplingInputs
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.attention import Attention, AttentionMetadata, select_backend
 from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingTensors, gather_logprobs
@@ -124,7 +124,7 @@ class ModelRunner:
         self.share_sampled = self.overlap and self.group.size > 1
         self.last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.sample_rows: dict[int, int] = {}
-        self.prompt_tokens = PromptTokenTable()
+        self.sampling_inputs = SamplingInputs(self.vocab_size, self._to_device)
         self.graph_runner: GraphRunner | None = None
         self.kv_cache = self._allocate_kv_cache(self._num_kv_blocks())
         if self.device.type == "cuda":
@@ -255,8 +255,7 @@ class ModelRunner:
         prompt_logprobs = self._prompt_logprobs(batch, logits[len(inputs.logits_indices) :], inputs.prompt_targets)
         logits = logits[: len(inputs.logits_indices)]
         sampling_seqs = [s for s, sampled in zip(batch.seqs, samples) if sampled]
-        output = self.sampler(logits, build_sampling_tensors(sampling_seqs, eos_token_ids, self.vocab_size, self._to_device,
-                                                             self.last_sampled, self.sample_rows, self.prompt_tokens))
+        output = self.sampler(logits, self.sampling_inputs.build(sampling_seqs, eos_token_ids, self.last_sampled, self.sample_rows))
         if inputs.share_sampled:
             self.group.broadcast(output.token_ids)
         self.last_sampled = output.token_ids

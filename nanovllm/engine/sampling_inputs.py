@@ -7,13 +7,14 @@ wait for the step in flight under overlap scheduling).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from nanovllm.engine.sequence import PENDING, Sequence
 from nanovllm.layers.sampler import Penalties, SamplingTensors
-from nanovllm.sampling_params import MAX_SEED
+from nanovllm.sampling_params import MAX_SEED, SamplingParams
 
 # Sibling completions of one request (n > 1) draw from distinct seeds derived from the request's.
 _SIBLING_SEED_STRIDE = 0x9E3779B97F4A7C15
@@ -45,61 +46,81 @@ class PromptTokenTable:
         self._rows = self._table = None
 
 
-def build_sampling_tensors(
-    seqs: list[Sequence],
-    eos_token_ids: frozenset[int],
-    vocab_size: int,
-    to_device: Callable[[np.ndarray], torch.Tensor],
-    last_sampled: torch.Tensor,
-    sample_rows: dict[int, int],
-    prompt_tokens: PromptTokenTable,
-) -> SamplingTensors:
-    """Per-row sampling parameters for `seqs` (the sequences that sample this step, in row order).
+class SamplingInputs:
+    """Builds each step's SamplingTensors for the rows that sample (the sequences `seqs`, in row order).
 
-    `last_sampled` / `sample_rows`: the previous step's sampled tokens on the device and the row of
-    each sequence in it; they fill the PENDING token a penalised sequence may still have in flight.
-    `prompt_tokens`: the caller's table of penalised prompts, reused across its steps.
+    A row's temperature, filters, seed, logit bias and logprobs depend only on its sequence, so while the
+    rows are the same sequences in the same order (steady decoding) those device tensors are kept, not
+    rebuilt and copied every step. What moves every step is rebuilt when some row uses it: the positions
+    of seeded rows, the tokens banned below min_tokens, the penalties' token tables.
     """
-    params = [s.sampling_params for s in seqs]
 
-    def device_array(values: list, dtype: type) -> torch.Tensor:
-        return to_device(np.asarray(values, dtype=dtype))
+    def __init__(self, vocab_size: int, to_device: Callable[[np.ndarray], torch.Tensor]) -> None:
+        self.vocab_size = vocab_size
+        self.to_device = to_device
+        self.prompt_tokens = PromptTokenTable()
+        self._rows: list[int] | None = None
+        self._fixed: SamplingTensors | None = None
+        self._seeded: list[int] = []
+        self._min_tokens_rows: list[int] = []
+        self._penalised = False
 
-    temperatures = device_array([0.0 if p.greedy else p.temperature for p in params], np.float32)
-    greedy = [p.greedy for p in params]
-    tensors = SamplingTensors(temperatures, all_greedy=all(greedy), any_greedy=any(greedy))
-    if not tensors.all_greedy:
-        if any(p.top_k > 0 for p in params):
-            tensors.top_k = device_array([p.top_k if p.top_k > 0 else vocab_size for p in params], np.int64)
-        if any(p.top_p < 1 for p in params):
-            tensors.top_p = device_array([p.top_p for p in params], np.float32)
-        if any(p.min_p > 0 for p in params):
-            tensors.min_p = device_array([p.min_p for p in params], np.float32)
-        seeded = [i for i, p in enumerate(params) if p.seed is not None and not p.greedy]
-        if seeded:
-            tensors.seed_rows = device_array(seeded, np.int64)
-            tensors.seeds = device_array([sibling_seed(params[i].seed, seqs[i].completion_index) for i in seeded], np.int64)
-            tensors.positions = device_array([seqs[i].num_tokens for i in seeded], np.int64)
-    # Below min_tokens, the EOS ids and the stop tokens cannot be sampled.
-    banned = [
-        (row, token)
-        for row, (seq, p) in enumerate(zip(seqs, params))
-        if seq.num_completion_tokens < p.min_tokens
-        for token in ([] if p.ignore_eos else sorted(eos_token_ids)) + list(p.stop_token_ids)
-    ]
-    if banned:
-        tensors.banned = device_array(banned, np.int64).T
-    biased = [(row, token, bias) for row, p in enumerate(params) if p.logit_bias for token, bias in p.logit_bias.items()]
-    if biased:
-        tensors.bias_index = device_array([(row, token) for row, token, _ in biased], np.int64).T
-        tensors.bias_values = device_array([bias for _, _, bias in biased], np.float32)
-    if any(p.has_penalties for p in params):
-        tensors.penalties = _penalties(seqs, vocab_size, device_array, last_sampled, sample_rows, prompt_tokens)
-    else:
-        prompt_tokens.clear()
-    requested = [p.logprobs for p in params if p.logprobs is not None]
-    tensors.max_logprobs = max(requested) if requested else -1
-    return tensors
+    def _device_array(self, values: list, dtype: type) -> torch.Tensor:
+        return self.to_device(np.asarray(values, dtype=dtype))
+
+    def build(self, seqs: list[Sequence], eos_token_ids: frozenset[int], last_sampled: torch.Tensor,
+              sample_rows: dict[int, int]) -> SamplingTensors:
+        """`last_sampled` / `sample_rows`: the previous step's sampled tokens on the device and the row of
+        each sequence in it; they fill the PENDING token a penalised sequence may still have in flight."""
+        rows = [s.seq_id for s in seqs]
+        if rows != self._rows:
+            params = [s.sampling_params for s in seqs]
+            self._rows = rows
+            self._seeded = [i for i, p in enumerate(params) if p.seed is not None and not p.greedy]
+            self._min_tokens_rows = [i for i, p in enumerate(params) if p.min_tokens > 0]
+            self._penalised = any(p.has_penalties for p in params)
+            self._fixed = self._fixed_tensors(seqs, params)
+        moving = {}
+        if self._seeded:
+            moving["positions"] = self._device_array([seqs[i].num_tokens for i in self._seeded], np.int64)
+        # Below min_tokens, the EOS ids and the stop tokens cannot be sampled.
+        banned = [
+            (row, token)
+            for row in self._min_tokens_rows
+            if seqs[row].num_completion_tokens < seqs[row].sampling_params.min_tokens
+            for token in ([] if seqs[row].sampling_params.ignore_eos else sorted(eos_token_ids)) + list(seqs[row].sampling_params.stop_token_ids)
+        ]
+        if banned:
+            moving["banned"] = self._device_array(banned, np.int64).T
+        if self._penalised:
+            moving["penalties"] = _penalties(seqs, self.vocab_size, self._device_array, last_sampled, sample_rows, self.prompt_tokens)
+        else:
+            self.prompt_tokens.clear()
+        return replace(self._fixed, **moving) if moving else self._fixed
+
+    def _fixed_tensors(self, seqs: list[Sequence], params: list[SamplingParams]) -> SamplingTensors:
+        """The tensors that depend only on which sequences the rows are."""
+        device_array, vocab_size = self._device_array, self.vocab_size
+        temperatures = device_array([0.0 if p.greedy else p.temperature for p in params], np.float32)
+        greedy = [p.greedy for p in params]
+        tensors = SamplingTensors(temperatures, all_greedy=all(greedy), any_greedy=any(greedy))
+        if not tensors.all_greedy:
+            if any(p.top_k > 0 for p in params):
+                tensors.top_k = device_array([p.top_k if p.top_k > 0 else vocab_size for p in params], np.int64)
+            if any(p.top_p < 1 for p in params):
+                tensors.top_p = device_array([p.top_p for p in params], np.float32)
+            if any(p.min_p > 0 for p in params):
+                tensors.min_p = device_array([p.min_p for p in params], np.float32)
+            if self._seeded:
+                tensors.seed_rows = device_array(self._seeded, np.int64)
+                tensors.seeds = device_array([sibling_seed(params[i].seed, seqs[i].completion_index) for i in self._seeded], np.int64)
+        biased = [(row, token, bias) for row, p in enumerate(params) if p.logit_bias for token, bias in p.logit_bias.items()]
+        if biased:
+            tensors.bias_index = device_array([(row, token) for row, token, _ in biased], np.int64).T
+            tensors.bias_values = device_array([bias for _, _, bias in biased], np.float32)
+        requested = [p.logprobs for p in params if p.logprobs is not None]
+        tensors.max_logprobs = max(requested) if requested else -1
+        return tensors
 
 
 def _padded(rows: list[list[int]], vocab_size: int) -> np.ndarray:

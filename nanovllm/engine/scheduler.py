@@ -112,9 +112,10 @@ class Scheduler:
                 i += 1  # at max_tokens or max_model_len: its pending token ends it; nothing more to compute
                 continue
             num_new = min(num_tokens - seq.num_computed_tokens, budget)
-            if not bm.can_append(seq, num_new) and not self._make_room(seq, num_new):
-                break
-            bm.may_append(seq, num_new)
+            if not bm.may_append(seq, num_new):
+                if not self._make_room(seq, num_new):
+                    break  # seq itself was preempted
+                bm.may_append(seq, num_new)
             seqs.append(seq)
             num_new_tokens.append(num_new)
             budget -= num_new
@@ -162,13 +163,14 @@ class Scheduler:
         finished while the step was in flight are skipped. Returns those that got a new token.
         """
         advanced = []
+        commit_computed = self.block_manager.commit_computed
         for seq, token_id in zip(batch.seqs, sampled):
-            if seq.is_finished:
+            if seq.status is SequenceStatus.FINISHED:  # seq.is_finished, inline (hot)
                 continue
             if token_id is not None:
-                seq.token_ids[seq.num_tokens - seq.num_pending_tokens] = token_id
+                seq.token_ids[len(seq.token_ids) - seq.num_pending_tokens] = token_id
                 seq.num_pending_tokens -= 1
-            self.block_manager.commit_computed(seq)
+            commit_computed(seq)
             if token_id is None:
                 continue
             advanced.append(seq)

@@ -78,7 +78,12 @@ class Sequence:
     @property
     def completion_token_ids(self) -> list[int]:
         """Generated tokens known on the host (pending ones excluded)."""
-        return self.token_ids[self.num_prompt_tokens : self.num_tokens - self.num_pending_tokens]
+        return self.completion_token_ids_from(0)
+
+    def completion_token_ids_from(self, start: int) -> list[int]:
+        """`completion_token_ids[start:]`, without copying the tokens before `start` (streams take a
+        few new tokens of a growing completion every step)."""
+        return self.token_ids[self.num_prompt_tokens + start : len(self.token_ids) - self.num_pending_tokens]
 
     @property
     def num_uncomputed_tokens(self) -> int:
