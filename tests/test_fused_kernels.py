@@ -138,6 +138,49 @@ def test_rope(dtype: torch.dtype, num_tokens: int, num_q_heads: int, num_kv_head
     assert torch.equal(v, v_before)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("block_size", "num_q_heads", "num_kv_heads", "head_dim"), [(256, 16, 8, 128), (16, 4, 2, 64), (64, 5, 1, 128)])
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_rope_writes_kv_cache(dtype: torch.dtype, block_size: int, num_q_heads: int, num_kv_heads: int, head_dim: int, with_norm: bool,
+                              device: torch.device) -> None:
+    """With a KVCacheWrite the kernel rotates q in place and writes the rotated k and v into their cache
+    slots (the attention layer's KV store): every other slot, k and v stay as they were."""
+    fused = fused_module()
+    num_tokens, num_blocks = 45, 6
+    q_size, kv_size = num_q_heads * head_dim, num_kv_heads * head_dim
+    qkv = (3 * torch.randn(num_tokens, q_size + 2 * kv_size, device=device)).to(dtype)
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    q, k, v = q.view(num_tokens, num_q_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim), v.view(num_tokens, num_kv_heads, head_dim)
+    norms = (random_norm(head_dim, dtype, device), random_norm(head_dim, dtype, device)) if with_norm else ()
+    rope = RotaryEmbedding(inv_freq_and_scale(head_dim, {"rope_type": "default", "rope_theta": 1e6}, MAX_POSITIONS, MAX_POSITIONS)[0], MAX_POSITIONS).to(device)
+    positions = torch.randint(0, MAX_POSITIONS, (num_tokens,), device=device)
+    slots = torch.randperm(num_blocks * block_size)[:num_tokens].to(torch.int32)
+    slots[torch.randperm(num_tokens)[:7]] = -1
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = torch.randn(shape, device=device).to(dtype), torch.randn(shape, device=device).to(dtype)
+
+    normed = (norms[0].forward_native(q), norms[1].forward_native(k)) if with_norm else (q, k)
+    ref_q, ref_k = rope(positions, *normed)
+    expected_k, expected_v = k_cache.clone().view(-1, num_kv_heads, head_dim), v_cache.clone().view(-1, num_kv_heads, head_dim)
+    keep = (slots >= 0).to(device)
+    expected_k[slots[slots >= 0].long()] = ref_k[keep]
+    expected_v[slots[slots >= 0].long()] = v[keep]
+    k_before = k.clone()
+    cache = fused.KVCacheWrite(v, k_cache, v_cache, slots.to(device))
+    if with_norm:
+        fused.qk_norm_rope(q, k, norms[0].weight, norms[1].weight, rope.cos_sin, positions, norms[0].eps, cache)
+    else:
+        fused.rope(q, k, rope.cos_sin, positions, cache)
+    assert rel_err(q, ref_q) <= TOLERANCE[dtype]
+    assert torch.equal(k, k_before)
+    assert torch.equal(v_cache.view(-1, num_kv_heads, head_dim), expected_v)
+    written = k_cache.view(-1, num_kv_heads, head_dim)
+    untouched = torch.ones(written.shape[0], dtype=torch.bool)
+    untouched[slots[slots >= 0].long()] = False
+    assert torch.equal(written[untouched.to(device)], expected_k[untouched.to(device)])
+    assert rel_err(written[slots[slots >= 0].long()], expected_k[slots[slots >= 0].long()]) <= TOLERANCE[dtype]
+
+
 @pytest.mark.usefixtures("poison")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_rows", [1, 7, 300])

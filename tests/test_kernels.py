@@ -103,43 +103,6 @@ def _reference(
     return out
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize(
-    "dtype,block_size,num_kv_heads,head_dim",
-    [
-        (torch.bfloat16, 256, 8, 128),
-        (torch.float16, 16, 2, 64),
-        (torch.float32, 64, 4, 128),
-    ],
-)
-def test_store_kvcache(dtype: torch.dtype, block_size: int, num_kv_heads: int, head_dim: int) -> None:
-    device = _device()
-    from nanovllm.kernels.kv_store import store_kvcache
-
-    torch.manual_seed(block_size)
-    num_blocks, num_tokens = 6, 45
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.randn(shape, device=device).to(dtype)
-    v_cache = torch.randn(shape, device=device).to(dtype)
-    width = num_kv_heads * head_dim
-    qkv = torch.randn(num_tokens, 6 * width, device=device).to(dtype)
-    key = qkv[:, 4 * width : 5 * width].view(num_tokens, num_kv_heads, head_dim)
-    value = qkv[:, 5 * width : 6 * width].view(num_tokens, num_kv_heads, head_dim)
-    slots = torch.randperm(num_blocks * block_size)[:num_tokens].to(torch.int32)
-    slots[torch.randperm(num_tokens)[:7]] = -1
-    slot_mapping = slots.to(device)
-
-    expected_k = k_cache.clone().view(-1, num_kv_heads, head_dim)
-    expected_v = v_cache.clone().view(-1, num_kv_heads, head_dim)
-    keep = slots >= 0
-    expected_k[slots[keep].long()] = key[keep.to(device)]
-    expected_v[slots[keep].long()] = value[keep.to(device)]
-
-    store_kvcache(key, value, k_cache, v_cache, slot_mapping)
-    assert torch.equal(k_cache.view(-1, num_kv_heads, head_dim), expected_k)
-    assert torch.equal(v_cache.view(-1, num_kv_heads, head_dim), expected_v)
-
-
 VARLEN_CASES = [
     (torch.bfloat16, 256, 128, 2),
     (torch.bfloat16, 16, 64, 4),

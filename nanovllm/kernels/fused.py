@@ -1,8 +1,9 @@
 """Fused Triton kernels for the per-layer elementwise work of a decoder step.
 
 * :func:`rms_norm` -- RMSNorm with an optional residual add (one program per row).
-* :func:`qk_norm_rope` -- per-head RMSNorm of q and k followed by GPT-NeoX rotary, in place;
-  :func:`rope` -- the rotary alone (families without q/k norms).
+* :func:`qk_norm_rope` -- per-head RMSNorm of q and k followed by GPT-NeoX rotary, q in place, k in
+  place or, with a :class:`KVCacheWrite`, straight into the paged KV cache with v (the attention layer's
+  KV store in the same kernel); :func:`rope` -- the rotary alone (families without q/k norms).
 * :func:`silu_and_mul` -- ``silu(gate) * up`` of a merged gate/up projection.
 
 Each kernel reproduces the rounding steps of the PyTorch layers it replaces
@@ -12,6 +13,8 @@ activation dtype is rounded to that dtype at the same point. The kernels are com
 PyTorch's separate kernels never do. No wrapper syncs with the host, so every call can be
 captured in a CUDA graph. Supported dtypes: fp16, bf16, fp32.
 """
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -100,11 +103,24 @@ def rms_norm(
     return out if residual is None else (out, residual)
 
 
+class KVCacheWrite(NamedTuple):
+    """Where the rotary kernel writes k (rotated) and v instead of rotating k in place: the paged caches
+    [num_blocks, block_size, num_kv_heads, D] (equal strides, contiguous last dim) and int32/int64
+    slot_mapping [N] (slot s is block s // block_size, row s % block_size; -1 skips the token);
+    v [N, num_kv_heads, D] with a contiguous last dim."""
+
+    v: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
 @triton.jit
-def _norm_rope_heads(x_ptr, stride_h, weight_ptr, cos, sin, eps, NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
-                     BLOCK_H: tl.constexpr, NORM: tl.constexpr):
-    """RMS-normalise (when NORM) and rotate, in place, the NUM_HEADS heads of one token starting at x_ptr
-    (head h at x_ptr + h * stride_h); cos and sin: fp32 [BLOCK] for the token's position."""
+def _norm_rope_heads(x_ptr, stride_h, out_ptr, out_stride_h, weight_ptr, cos, sin, eps, NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
+                     BLOCK: tl.constexpr, BLOCK_H: tl.constexpr, NORM: tl.constexpr):
+    """RMS-normalise (when NORM) and rotate the NUM_HEADS heads of one token starting at x_ptr (head h at
+    x_ptr + h * stride_h), writing head h to out_ptr + h * out_stride_h (may be x_ptr: in place);
+    cos and sin: fp32 [BLOCK] for the token's position."""
     dtype = x_ptr.dtype.element_ty
     heads = tl.arange(0, BLOCK_H)
     offs = tl.arange(0, BLOCK)
@@ -118,14 +134,19 @@ def _norm_rope_heads(x_ptr, stride_h, weight_ptr, cos, sin, eps, NUM_HEADS: tl.c
         w2 = tl.load(weight_ptr + HALF + offs, mask=offs < HALF, other=0.0).to(tl.float32)[None, :]
         n1 = (w1 * (n1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
         n2 = (w2 * (n2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-    tl.store(ptrs, (n1 * cos[None, :] - n2 * sin[None, :]).to(dtype), mask=mask)
-    tl.store(ptrs + HALF, (n2 * cos[None, :] + n1 * sin[None, :]).to(dtype), mask=mask)
+    out = out_ptr + heads[:, None] * out_stride_h + offs[None, :]
+    tl.store(out, (n1 * cos[None, :] - n2 * sin[None, :]).to(dtype), mask=mask)
+    tl.store(out + HALF, (n2 * cos[None, :] + n1 * sin[None, :]).to(dtype), mask=mask)
 
 
 @triton.jit
 def _rope_kernel(
     q_ptr,
     k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
     q_weight_ptr,
     k_weight_ptr,
     cos_sin_ptr,
@@ -134,6 +155,11 @@ def _rope_kernel(
     q_stride_h,
     k_stride_n,
     k_stride_h,
+    v_stride_n,
+    v_stride_h,
+    cache_stride_block,
+    cache_stride_token,
+    cache_stride_head,
     cos_sin_stride,
     eps,
     NUM_Q_HEADS: tl.constexpr,
@@ -142,22 +168,41 @@ def _rope_kernel(
     BLOCK: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PAGE: tl.constexpr,
     NORM: tl.constexpr,
+    STORE: tl.constexpr,
 ):
-    """RMS-normalise (when NORM) every q and k head of one token, then rotate them, in place.
+    """RMS-normalise (when NORM) every q and k head of one token, then rotate them: q in place; k in
+    place, or (STORE) into the token's cache slot together with its v.
 
-    Grid: (N,). q: [N, NUM_Q_HEADS, 2 * HALF], k: [N, NUM_K_HEADS, 2 * HALF] (contiguous last dims);
-    q_weight, k_weight: [2 * HALF]; cos_sin: fp32 [max_positions, 2 * HALF] as [cos | sin];
-    positions: [N]. One program a token (not a head): a head is only 2 * HALF elements, too little
-    work for a program.
+    Grid: (N,). q: [N, NUM_Q_HEADS, 2 * HALF], k and v: [N, NUM_K_HEADS, 2 * HALF] (contiguous last
+    dims); q_weight, k_weight: [2 * HALF]; cos_sin: fp32 [max_positions, 2 * HALF] as [cos | sin];
+    positions: [N]; with STORE the caches [num_blocks, PAGE, NUM_K_HEADS, 2 * HALF] and slot_mapping [N]
+    (-1: the token's k and v are not stored). One program a token (not a head): a head is only 2 * HALF
+    elements, too little work for a program.
     """
     token = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     row = cos_sin_ptr + tl.load(positions_ptr + token).to(tl.int64) * cos_sin_stride
     cos = tl.load(row + offs, mask=offs < HALF, other=0.0)
     sin = tl.load(row + HALF + offs, mask=offs < HALF, other=0.0)
-    _norm_rope_heads(q_ptr + token * q_stride_n, q_stride_h, q_weight_ptr, cos, sin, eps, NUM_Q_HEADS, HALF, BLOCK, BLOCK_Q, NORM)
-    _norm_rope_heads(k_ptr + token * k_stride_n, k_stride_h, k_weight_ptr, cos, sin, eps, NUM_K_HEADS, HALF, BLOCK, BLOCK_K, NORM)
+    q_row = q_ptr + token * q_stride_n
+    _norm_rope_heads(q_row, q_stride_h, q_row, q_stride_h, q_weight_ptr, cos, sin, eps, NUM_Q_HEADS, HALF, BLOCK, BLOCK_Q, NORM)
+    k_row = k_ptr + token * k_stride_n
+    if STORE:
+        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+        if slot >= 0:
+            cache_row = (slot // PAGE) * cache_stride_block + (slot % PAGE) * cache_stride_token
+            _norm_rope_heads(k_row, k_stride_h, k_cache_ptr + cache_row, cache_stride_head, k_weight_ptr, cos, sin, eps, NUM_K_HEADS, HALF,
+                             BLOCK, BLOCK_K, NORM)
+            heads = tl.arange(0, BLOCK_K)
+            mask = (heads[:, None] < NUM_K_HEADS) & (offs[None, :] < HALF)
+            v_src = v_ptr + token * v_stride_n + heads[:, None] * v_stride_h + offs[None, :]
+            v_dst = v_cache_ptr + cache_row + heads[:, None] * cache_stride_head + offs[None, :]
+            tl.store(v_dst, tl.load(v_src, mask=mask), mask=mask)
+            tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=mask), mask=mask)
+    else:
+        _norm_rope_heads(k_row, k_stride_h, k_row, k_stride_h, k_weight_ptr, cos, sin, eps, NUM_K_HEADS, HALF, BLOCK, BLOCK_K, NORM)
 
 
 def qk_norm_rope(
@@ -168,8 +213,10 @@ def qk_norm_rope(
     cos_sin: torch.Tensor,
     positions: torch.Tensor,
     eps: float,
+    cache: KVCacheWrite | None = None,
 ) -> None:
-    """Per-head RMSNorm of q and k followed by GPT-NeoX rotary embedding, in place.
+    """Per-head RMSNorm of q and k followed by GPT-NeoX rotary embedding; q in place, k in place or
+    (with `cache`) written with v into the paged KV cache.
 
     Each D-vector v becomes ``n = weight * (v * rsqrt(mean(v^2) + eps))`` (rounded to the dtype
     twice, like RMSNorm), then ``[n1 * cos - n2 * sin, n2 * cos + n1 * sin]`` with n1/n2 its
@@ -184,18 +231,19 @@ def qk_norm_rope(
         cos_sin: fp32 [max_positions, D], each row ``[cos(D/2) | sin(D/2)]``, contiguous last dim.
         positions: int32/int64 [N], each in [0, max_positions) (not checked: that needs a sync).
         eps: the RMSNorm epsilon, shared by q and k.
+        cache: see KVCacheWrite (k is then left as it was).
     """
-    _launch_rope(q, k, cos_sin, positions, q_weight, k_weight, eps)
+    _launch_rope(q, k, cos_sin, positions, q_weight, k_weight, eps, cache)
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor) -> None:
-    """GPT-NeoX rotary embedding of q and k, in place: each D-vector v becomes ``[v1 * cos - v2 * sin,
-    v2 * cos + v1 * sin]``, computed in fp32 and written back in the dtype. Arguments as `qk_norm_rope`'s."""
-    _launch_rope(q, k, cos_sin, positions, None, None, 0.0)
+def rope(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor, cache: KVCacheWrite | None = None) -> None:
+    """GPT-NeoX rotary embedding of q and k: each D-vector v becomes ``[v1 * cos - v2 * sin, v2 * cos +
+    v1 * sin]``, computed in fp32 and written back in the dtype. Arguments as `qk_norm_rope`'s."""
+    _launch_rope(q, k, cos_sin, positions, None, None, 0.0, cache)
 
 
 def _launch_rope(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor,
-                 q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float) -> None:
+                 q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float, cache: KVCacheWrite | None) -> None:
     """Check the shapes and launch one program a token; without weights the heads are only rotated."""
     if q.dim() != 3 or k.dim() != 3 or q.dtype not in _DTYPES or k.dtype != q.dtype:
         raise ValueError(f"q/k must be [N, H, D] fp16/bf16/fp32 tensors of one dtype, got {q.dtype} {tuple(q.shape)} and {k.dtype} {tuple(k.shape)}")
@@ -212,11 +260,18 @@ def _launch_rope(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positi
     for name, weight in (("q_weight", q_weight), ("k_weight", k_weight)) if norm else ():
         if weight.shape != (head_dim,) or weight.dtype != q.dtype:
             raise ValueError(f"{name} must be [{head_dim}] of {q.dtype}, got {weight.dtype} {tuple(weight.shape)}")
+    if cache is not None:
+        _check_cache_write(k, cache)
     if num_tokens == 0:
         return
+    v, k_cache, v_cache, slot_mapping = cache if cache is not None else (k, k, k, positions)
     _rope_kernel[(num_tokens,)](
         q,
         k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
         q_weight.contiguous() if norm else q,
         k_weight.contiguous() if norm else k,
         cos_sin,
@@ -225,6 +280,11 @@ def _launch_rope(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positi
         q.stride(1),
         k.stride(0),
         k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(0) if cache is not None else 0,
+        k_cache.stride(1) if cache is not None else 0,
+        k_cache.stride(2) if cache is not None else 0,
         cos_sin.stride(0),
         eps,
         NUM_Q_HEADS=num_q_heads,
@@ -233,10 +293,25 @@ def _launch_rope(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positi
         BLOCK=triton.next_power_of_2(head_dim // 2),
         BLOCK_Q=triton.next_power_of_2(num_q_heads),
         BLOCK_K=triton.next_power_of_2(k.shape[1]),
+        PAGE=k_cache.shape[1] if cache is not None else 1,
         NORM=norm,
+        STORE=cache is not None,
         num_warps=4,
         enable_fp_fusion=False,
     )
+
+
+def _check_cache_write(k: torch.Tensor, cache: KVCacheWrite) -> None:
+    v, k_cache, v_cache, slot_mapping = cache
+    if v.shape != k.shape or v.dtype != k.dtype or v.stride(-1) != 1:
+        raise ValueError(f"v must match k {tuple(k.shape)} {k.dtype} with a contiguous last dim, got {tuple(v.shape)} {v.dtype}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("k_cache/v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim] with equal strides and a "
+                         f"contiguous last dim, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if tuple(k_cache.shape[2:]) != tuple(k.shape[1:]) or k_cache.dtype != k.dtype or v_cache.dtype != k.dtype:
+        raise ValueError(f"the caches {tuple(k_cache.shape)} {k_cache.dtype} do not hold k's heads {tuple(k.shape[1:])} {k.dtype}")
+    if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_mapping must be int32/int64 [{k.shape[0]}], got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
 
 
 @triton.jit

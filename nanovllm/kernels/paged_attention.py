@@ -113,13 +113,13 @@ def _varlen_kernel(
             bt_row, start, offs_n, seq_len, cache_stride_block, cache_stride_token, PAGE, BLOCK_N
         )
         k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :])
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)  # scale_log2 > 0: max commutes with it
+        p = tl.exp2(s * scale_log2 - m_new[:, None])  # one FMA per score
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :])
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # accumulates in place
         m_i = m_new
 
     for start in range(full_end, kv_end, BLOCK_N):
@@ -137,7 +137,7 @@ def _varlen_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
     l_i = tl.where(l_i > 0.0, l_i, 1.0)

@@ -1,7 +1,8 @@
 """Paged attention layer and its backends (torch reference, Triton, flash-attn).
 
-Every backend stores this step's K/V into the paged cache, then attends each new query token
-to the KV positions 0..its own position through the block table. A backend owns its per-step
+Every backend normalises (q/k norms) and rotates this step's q and k, stores its K/V into the paged
+cache, then attends each new query token to the KV positions 0..its own position through the block
+table. A backend owns its per-step
 metadata: the runner (or a CUDA graph's capture) hands it one `AttentionMetadata` per step with
 `begin_step`, the backend derives what its kernels need once, and every layer reads it from there.
 GPU backends import their kernels lazily, so a CPU process never loads Triton or flash-attn.
@@ -14,6 +15,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from nanovllm.layers.layernorm import RMSNorm
+from nanovllm.layers.rotary_embedding import RotaryEmbedding
 
 logger = logging.getLogger("nanovllm")
 
@@ -43,7 +47,7 @@ class AttentionMetadata:
 
 class AttentionBackend:
     """Per-step hooks: `begin_step` takes the step's metadata (derived tensors are built here, once),
-    `end_step` drops it; `store_kvcache` and `forward` run in every layer."""
+    `end_step` drops it; `rotate_and_store` and `forward` run in every layer."""
 
     name: str
 
@@ -55,6 +59,13 @@ class AttentionBackend:
 
     def end_step(self) -> None:
         self.metadata = None
+
+    def rotate_and_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                         norms: tuple[RMSNorm, RMSNorm] | tuple[()], k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """(q/k-norm and) rotate q and k, store k and v at the step's slots; returns the rotated q."""
+        q, k = rotary.rotate_qk(positions, q, k, *norms)
+        self.store_kvcache(k, v, k_cache, v_cache)
+        return q
 
     def store_kvcache(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         raise NotImplementedError
@@ -110,21 +121,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
 
 
 class TritonBackend(AttentionBackend):
-    """Our Triton kernels: KV store, split-KV decode, and for other steps varlen attention (its
-    decode rows to the decode kernel, longer queries to the varlen kernel)."""
+    """Our Triton kernels: the rotary kernel stores K/V (no separate store kernel), split-KV decode,
+    and for other steps varlen attention (its decode rows to the decode kernel, longer queries to the
+    varlen kernel)."""
 
     name = "triton"
 
     def __init__(self) -> None:
         super().__init__()
-        from nanovllm.kernels import decode_attention, kv_store, paged_attention
+        from nanovllm.kernels import decode_attention, fused, paged_attention
 
-        self._store = kv_store.store_kvcache
+        self._cache_write = fused.KVCacheWrite
         self._varlen = paged_attention.paged_attention_varlen
         self._decode = decode_attention.paged_attention_decode
 
-    def store_kvcache(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-        self._store(k, v, k_cache, v_cache, self.metadata.slot_mapping)
+    def rotate_and_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                         norms: tuple[RMSNorm, RMSNorm] | tuple[()], k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """One kernel: q (normed and) rotated in place, k (normed and) rotated straight into the cache with v."""
+        q, _ = rotary.rotate_qk(positions, q, k, *norms, cache=self._cache_write(v, k_cache, v_cache, self.metadata.slot_mapping))
+        return q
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
         ctx = self.metadata
@@ -137,7 +152,7 @@ class TritonBackend(AttentionBackend):
 
 
 class FlashAttnBackend(TritonBackend):
-    """flash-attn's paged calls (our Triton KV store); needs fp16/bf16, head_dim 128 in the wheel
+    """flash-attn's paged calls (our Triton rotary kernel stores K/V); needs fp16/bf16, head_dim 128 in the wheel
     built for the device, and kvcache_block_size a multiple of 256."""
 
     name = "flash_attn"
@@ -196,7 +211,8 @@ def select_backend(name: str, device: torch.device, block_size: int, dtype: torc
 
 
 class Attention(nn.Module):
-    """Stores this step's K/V, then attends over the paged cache. `backend` and the caches are set by the model runner."""
+    """Rotates q and k, stores this step's K/V, then attends over the paged cache. `backend` and the
+    caches are set by the model runner."""
 
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int) -> None:
         super().__init__()
@@ -207,7 +223,10 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.tensor([])
         self.backend: AttentionBackend | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D], inside the backend's begin_step/end_step."""
-        self.backend.store_kvcache(k, v, self.k_cache, self.v_cache)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                norms: tuple[RMSNorm, RMSNorm] | tuple[()] = ()) -> torch.Tensor:
+        """q [N, Hq, D], k/v [N, Hkv, D] as projected (q and k may be changed in place), positions [N]
+        -> [N, Hq, D], inside the backend's begin_step/end_step. `norms`: the (q_norm, k_norm) applied
+        before the rotary, if the family has them."""
+        q = self.backend.rotate_and_store(q, k, v, positions, rotary, norms, self.k_cache, self.v_cache)
         return self.backend.forward(q, self.k_cache, self.v_cache, self.scale)

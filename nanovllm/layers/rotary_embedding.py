@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from nanovllm.layers.layernorm import RMSNorm
+
+if TYPE_CHECKING:
+    from nanovllm.kernels.fused import KVCacheWrite
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -123,23 +127,28 @@ class RotaryEmbedding(nn.Module):
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def rotate_qk(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None,
+        cache: KVCacheWrite | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q and k, after q_norm(q) and k_norm(k) when given. q: [N, Hq, D], k: [N, Hkv, D], positions: [N].
 
         On CUDA one fused kernel (normalises and) rotates q and k in place and returns them (the two
-        norms must share eps); elsewhere it is the PyTorch path, `self(positions, q, k)` on the normed q and k.
+        norms must share eps); with `cache` (CUDA only: the Triton attention backend's KV store) the
+        same kernel writes k and `cache.v` into the paged cache instead of k. Elsewhere it is the
+        PyTorch path, `self(positions, q, k)` on the normed q and k.
         """
         if not q.is_cuda:
+            if cache is not None:
+                raise ValueError("rotate_qk writes the KV cache only on CUDA")
             return self(positions, q_norm(q), k_norm(k)) if q_norm is not None else self(positions, q, k)
         from nanovllm.kernels import fused
 
         if q_norm is None:
-            fused.rope(q, k, self.cos_sin, positions)
+            fused.rope(q, k, self.cos_sin, positions, cache)
         elif q_norm.eps != k_norm.eps:
             raise ValueError(f"the fused q/k norm needs one eps, got {q_norm.eps} and {k_norm.eps}")
         else:
-            fused.qk_norm_rope(q, k, q_norm.weight, k_norm.weight, self.cos_sin, positions, q_norm.eps)
+            fused.qk_norm_rope(q, k, q_norm.weight, k_norm.weight, self.cos_sin, positions, q_norm.eps, cache)
         return q, k
 
 

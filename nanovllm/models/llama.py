@@ -55,8 +55,8 @@ class DenseAttention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb.rotate_qk(positions, q, k, *((self.q_norm, self.k_norm) if self.qk_norm else ()))
-        o = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim))
+        norms = (self.q_norm, self.k_norm) if self.qk_norm else ()
+        o = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim), positions, self.rotary_emb, norms)
         return self.o_proj(o.flatten(1, -1))
 
 
