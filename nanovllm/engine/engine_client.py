@@ -1,8 +1,9 @@
 """The API process's handle on the engine process (engine_core.py): spawn it, send it typed messages,
 and route its per-step Updates to the asyncio streams that wait for them.
 
-A reader thread receives each Update and hands it to the event loop with one call_soon_threadsafe;
-there each output goes to its stream's buffer. A stream's consumer takes everything buffered at once,
+The event loop reads the Updates itself (a reader callback on the channel's socket takes every
+complete message that has arrived), so no thread has to win the GIL from the busy loop per message;
+each output goes to its stream's buffer. A stream's consumer takes everything buffered at once,
 merged per completion, so a consumer that falls behind gets fewer, larger outputs, never a backlog.
 """
 from __future__ import annotations
@@ -12,20 +13,24 @@ import atexit
 import itertools
 import multiprocessing as mp
 import multiprocessing.util  # noqa: F401 (its exit hook, which joins child processes, must be registered before ours)
+import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 
 from nanovllm.engine.core_messages import (Accepted, AbortRequest, AddRequest, EngineStopped, Failed, LoopStats, Output,
-                                           QueueFull, Ready, Stop, Update)
+                                           QueueFull, Ready, Stop, Update, merge_outputs)
 from nanovllm.engine.engine_core import run_engine_core
+from nanovllm.engine.update_channel import FrameDecoder, recv_message
 from nanovllm.engine.requests import Prompt
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.validation import require_int
 
-__all__ = ["EngineClient", "EngineStopped", "Output", "OutputStream", "QueueFull"]
+__all__ = ["EngineClient", "EngineStopped", "Output", "OutputStream", "QueueFull", "merge_outputs"]
 
 # How long close() waits for the engine process to stop before terminating it.
 JOIN_TIMEOUT_S = 30.0
+# The most bytes the event loop reads from the channel per wake-up.
+READ_CHUNK_BYTES = 1 << 20
 
 
 class EngineClient:
@@ -40,11 +45,13 @@ class EngineClient:
         if max_waiting is not None:
             require_int("max_waiting", max_waiting, 1)
         context = mp.get_context("spawn")
-        self._connection, child_end = context.Pipe()
-        self.process = context.Process(target=run_engine_core, args=(model, engine_kwargs or {}, max_waiting, child_end),
+        commands, self._commands = context.Pipe(duplex=False)
+        self._updates, updates = socket.socketpair()
+        self.process = context.Process(target=run_engine_core, args=(model, engine_kwargs or {}, max_waiting, commands, updates),
                                        name="nanovllm-engine")
         self.process.start()
-        child_end.close()
+        commands.close()
+        updates.close()
         atexit.register(self.close)  # runs before multiprocessing's exit hook, which would wait for the engine forever
         self.stats = LoopStats()
         self.error: EngineStopped | None = None  # why the engine stopped, once it has
@@ -55,7 +62,10 @@ class EngineClient:
         self._send_lock = threading.Lock()
         self._closing = False
         self._event_loop: asyncio.AbstractEventLoop | None = None
-        self._reader: threading.Thread | None = None
+        self._decoder = FrameDecoder()
+        self._chunk = bytearray(READ_CHUNK_BYTES)
+        self._reading = False  # the event loop watches the channel (from bind until its end)
+        self._channel_ended = threading.Event()  # the event loop has read the channel to its end
         self.ready: Ready | None = None
         try:
             self.ready = self._wait_ready()
@@ -65,7 +75,7 @@ class EngineClient:
 
     def _wait_ready(self) -> Ready:
         try:
-            message = self._connection.recv()
+            message = recv_message(self._updates)
         except EOFError:
             self.process.join(JOIN_TIMEOUT_S)
             raise RuntimeError(f"the engine process exited with code {self.process.exitcode} while loading the model") from None
@@ -75,55 +85,71 @@ class EngineClient:
         return message
 
     def bind(self, event_loop: asyncio.AbstractEventLoop) -> None:
-        """Route outputs to streams on `event_loop` from now on (call once, before the first stream)."""
+        """Route outputs to streams on `event_loop` from now on (call once, before the first stream,
+        from the loop's thread or before it runs)."""
         self._event_loop = event_loop
-        self._reader = threading.Thread(target=self._read, name="nanovllm-client-reader", daemon=True)
-        self._reader.start()
+        self._updates.setblocking(False)
+        event_loop.add_reader(self._updates.fileno(), self._on_readable)
+        self._reading = True
 
     def is_alive(self) -> bool:
         return self.error is None and self.process.is_alive()
 
-    # ---- the reader thread ----------------------------------------------------------------
+    # ---- the event loop -------------------------------------------------------------------
 
-    def _read(self) -> None:
+    def _on_readable(self) -> None:
+        """Every complete message that has arrived, routed in order; at the end of the channel, wait
+        (on a thread) for the engine process to exit, then fail what is left."""
         try:
-            while True:
-                message = self._connection.recv()
-                self._call_soon(self._dispatch, message)
-        except (EOFError, OSError):
-            pass
+            received = self._updates.recv_into(self._chunk)
+        except BlockingIOError:
+            return
+        except OSError:
+            received = 0
+        if received:
+            self._dispatch(self._decoder.feed(memoryview(self._chunk)[:received]))
+            return
+        self._stop_reading()
+        threading.Thread(target=self._await_exit, name="nanovllm-client-exit", daemon=True).start()
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._event_loop.remove_reader(self._updates.fileno())
+        self._channel_ended.set()
+
+    def _await_exit(self) -> None:
         self.process.join(JOIN_TIMEOUT_S)
-        self._call_soon(self._ended, self.process.exitcode)
-
-    def _call_soon(self, callback: Callable, *args: object) -> None:
         try:
-            self._event_loop.call_soon_threadsafe(callback, *args)
+            self._event_loop.call_soon_threadsafe(self._ended, self.process.exitcode)
         except RuntimeError:
             pass  # the event loop is closed: nobody is listening any more
 
-    # ---- the event loop -------------------------------------------------------------------
-
-    def _dispatch(self, message: Update | Failed) -> None:
-        if isinstance(message, Failed):
-            self._fail(message.reason)
-            return
-        self.stats = message.stats
-        for accepted in message.accepted:
-            self._resolve(accepted.request_id, accepted)
-        for refused in message.refused:
-            if (stream := self._streams.pop(refused.request_id, None)) is not None:
-                stream._forget(refused.request_id)
-            self._resolve(refused.request_id, refused.error)
+    def _dispatch(self, messages: list[Update | Failed]) -> None:
         woken = set()
-        for output in message.outputs:
-            stream = self._streams.get(output.request_id)
-            if stream is None:
-                continue
-            if stream._receive(output):
-                del self._streams[output.request_id]
-            woken.add(stream)
+        failed = None
+        for message in messages:
+            if isinstance(message, Failed):
+                failed = message
+                break
+            self.stats = message.stats
+            for accepted in message.accepted:
+                self._resolve(accepted.request_id, accepted)
+            for refused in message.refused:
+                if (stream := self._streams.pop(refused.request_id, None)) is not None:
+                    stream._forget(refused.request_id)
+                self._resolve(refused.request_id, refused.error)
+            for output in message.outputs:
+                stream = self._streams.get(output.request_id)
+                if stream is None:
+                    continue
+                if stream._receive(output):
+                    del self._streams[output.request_id]
+                woken.add(stream)
         for stream in woken:
             stream._wakeup.set()
+        if failed is not None:
+            self._fail(failed.reason)
 
     def _resolve(self, request_id: int, result: Accepted | Exception) -> None:
         future = self._accepting.pop(request_id, None)
@@ -157,7 +183,7 @@ class EngineClient:
             raise self.error
         try:
             with self._send_lock:
-                self._connection.send(message)
+                self._commands.send(message)
         except OSError as error:
             raise EngineStopped(f"the engine process is gone ({error!r})") from error
 
@@ -186,14 +212,16 @@ class EngineClient:
 
     def close(self, timeout: float = JOIN_TIMEOUT_S) -> None:
         """Stop the engine process (live requests end with finish_reason "abort") and wait for it;
-        terminate it if it does not stop in `timeout` (at once while it is still loading). Idempotent; any thread."""
+        terminate it if it does not stop in `timeout` (at once while it is still loading). Idempotent;
+        any thread. While the bound event loop runs in another thread, waits until it has read the
+        engine's last Update (its streams end), and leaves the channel's socket to it."""
         if self._closing:
             return
         self._closing = True
         atexit.unregister(self.close)
         try:
             with self._send_lock:
-                self._connection.send(Stop())
+                self._commands.send(Stop())
         except OSError:
             pass
         self.process.join(timeout if self.ready is not None else 0)
@@ -201,9 +229,18 @@ class EngineClient:
             if self.process.is_alive():
                 stop()
                 self.process.join(timeout)
-        if self._reader is not None:
-            self._reader.join(timeout)
-        self._connection.close()
+        self._commands.close()
+        if self._reading and self._event_loop.is_running() and not self._on_loop_thread():
+            self._channel_ended.wait(timeout)  # the loop stops reading at the channel's end
+        if self._reading and not self._event_loop.is_closed():
+            self._stop_reading()  # the loop is not running, or this is its thread
+        self._updates.close()
+
+    def _on_loop_thread(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._event_loop
+        except RuntimeError:
+            return False
 
 
 class OutputStream:
@@ -263,20 +300,3 @@ class OutputStream:
             self.client.abort(request_id)
         return unfinished
 
-
-def merge_outputs(outputs: list[Output]) -> list[Output]:
-    """One Output per (request, completion), in order of first appearance: texts, token ids and
-    logprobs concatenated; finished and finish_reason from the last."""
-    groups: dict[tuple[int, int], list[Output]] = {}
-    for output in outputs:
-        groups.setdefault((output.request_id, output.completion_index), []).append(output)
-    merged = []
-    for group in groups.values():
-        if len(group) == 1:
-            merged.append(group[0])
-            continue
-        last = group[-1]
-        logprobs = None if last.logprobs is None else [entry for o in group for entry in o.logprobs]
-        merged.append(Output(last.request_id, last.completion_index, "".join(o.text for o in group),
-                             [t for o in group for t in o.token_ids], logprobs, last.finished, last.finish_reason))
-    return merged

@@ -1,15 +1,19 @@
-"""The engine process of the server: one LLMEngine stepped while any request is live, fed and drained
-through one pipe to the API process (EngineClient), so HTTP, JSON and SSE work never holds the GIL the
-step loop needs. Requests that arrive while others decode join the next step (continuous batching).
+"""The engine process of the server: one LLMEngine stepped while any request is live, fed through a
+pipe from the API process (EngineClient) and drained through a socket to it (update_channel.py), so
+HTTP, JSON and SSE work never holds the GIL the step loop needs. Requests that arrive while others
+decode join the next step (continuous batching).
 
 A reader thread moves the pipe's messages into an inbox; the main thread applies them between steps
-and sends one Update per turn. A request with SamplingParams.n > 1 is one engine request (its prompt
+and hands one Update per turn to the UpdateSender, which never blocks the step loop (a slow API
+process gets merged Updates). A request with SamplingParams.n > 1 is one engine request (its prompt
 is prefilled once) whose n completions each deliver their own Outputs.
 """
 from __future__ import annotations
 
+import gc
 import queue
 import signal
+import socket
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -18,6 +22,10 @@ from nanovllm.engine.core_messages import (Accepted, AbortRequest, AddRequest, E
                                            QueueFull, Ready, Refused, Stop, Update)
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.update_channel import UpdateSender, send_message
+
+# How long the engine waits at exit for the API process to take its last Update.
+FLUSH_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -29,26 +37,28 @@ class _Live:
 
 
 class EngineCore:
-    """Owns `engine` and `connection`: only this process's main thread touches the engine, and run()
-    calls engine.exit() when it ends (Stop, the API process gone, or a failure)."""
+    """Owns `engine`, `commands` (read by its reader thread) and `updates` (written by its sender):
+    only this process's main thread touches the engine, and run() calls engine.exit() when it ends
+    (Stop, the API process gone, or a failure)."""
 
-    def __init__(self, engine: LLMEngine, connection: Connection, max_waiting: int | None) -> None:
+    def __init__(self, engine: LLMEngine, commands: Connection, updates: socket.socket, max_waiting: int | None) -> None:
         """max_waiting: None (unbounded) or an int >= 1, checked by EngineClient."""
         self.engine = engine
-        self.connection = connection
+        self.commands = commands
         self.max_waiting = max_waiting
         self._inbox: queue.SimpleQueue[AddRequest | AbortRequest | Stop] = queue.SimpleQueue()
         self._live: dict[str, _Live] = {}  # by the engine's request id (seq.request_id)
         self._engine_ids: dict[int, str] = {}  # the engine's request id of each live request, by the client's id
         self._update = Update(self._stats())
         self._sent_stats: LoopStats | None = None
+        self._sender = UpdateSender(updates, on_gone=lambda: self._inbox.put(Stop()))  # nobody reads outputs any more
         threading.Thread(target=self._read, name="nanovllm-core-reader", daemon=True).start()
 
     def _read(self) -> None:
         """Pipe -> inbox; the API process going away (EOF) is a Stop."""
         try:
             while True:
-                self._inbox.put(self.connection.recv())
+                self._inbox.put(self.commands.recv())
         except (EOFError, OSError):
             self._inbox.put(Stop())
 
@@ -60,11 +70,12 @@ class EngineCore:
                     self._step()
                 self._send_update()
         except Exception as error:
-            self._send(Failed(f"the engine failed: {error!r}"))
+            self._sender.put(Failed(f"the engine failed: {error!r}"))
             raise
         else:
             self._finish_all()
         finally:
+            self._sender.close(FLUSH_TIMEOUT_S)
             self.engine.exit()
 
     # ---- messages -------------------------------------------------------------------------
@@ -147,15 +158,9 @@ class EngineCore:
         update = self._update
         update.stats = self._stats()
         if update.accepted or update.refused or update.outputs or update.stats != self._sent_stats:
-            self._send(update)
+            self._sender.put(update)
             self._sent_stats = update.stats
             self._update = Update(update.stats)
-
-    def _send(self, message: Update | Failed) -> None:
-        try:
-            self.connection.send(message)
-        except OSError:
-            self._inbox.put(Stop())  # the API process is gone: nobody reads outputs any more
 
     def _finish_all(self) -> None:
         """End every live request ("abort") and refuse every add still queued; the last Update."""
@@ -177,8 +182,9 @@ class EngineCore:
         self._send_update()
 
 
-def run_engine_core(model: str, engine_kwargs: dict, max_waiting: int | None, connection: Connection) -> None:
-    """The engine process's target: build the engine, say Ready (or Failed), run until Stop or EOF.
+def run_engine_core(model: str, engine_kwargs: dict, max_waiting: int | None, commands: Connection, updates: socket.socket) -> None:
+    """The engine process's target: build the engine, say Ready (or Failed) on `updates`, run until
+    Stop or EOF on `commands`.
 
     Ctrl-C reaches the whole process group: the engine ignores SIGINT and stops when the API process
     says so (or exits). SIGTERM sent to it alone unwinds it, so its workers and shared memory are freed."""
@@ -187,15 +193,17 @@ def run_engine_core(model: str, engine_kwargs: dict, max_waiting: int | None, co
     try:
         engine = LLMEngine(model, **engine_kwargs)
     except Exception as error:
-        connection.send(Failed(f"the engine failed to start: {error!r}"))
+        send_message(updates, Failed(f"the engine failed to start: {error!r}"))
         raise SystemExit(1) from error
+    gc.collect()
+    gc.freeze()  # the model's and libraries' objects: later full collections scan only what the loop made (no ~100 ms pauses)
     try:
         config = engine.config
-        connection.send(Ready(config.model, config.max_model_len, engine.tokenizer is not None))
+        send_message(updates, Ready(config.model, config.max_model_len, engine.tokenizer is not None))
     except BaseException:
         engine.exit()
         raise
-    EngineCore(engine, connection, max_waiting).run()  # an exception escapes: printed, exit code 1
+    EngineCore(engine, commands, updates, max_waiting).run()  # an exception escapes: printed, exit code 1
 
 
 def _raise_exit(signum: int, frame: object) -> None:

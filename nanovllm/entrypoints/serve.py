@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import hmac
 import json
 import signal
@@ -224,10 +225,12 @@ def build_app(client: EngineClient, model_name: str, api_key: str | None = None,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         client.bind(asyncio.get_running_loop())
+        gc.collect()
+        gc.freeze()  # the libraries' objects: later full collections scan only what serving made (no long pauses)
         yield
         await asyncio.to_thread(client.close)
 
-    def require_key(request: Request) -> None:
+    async def require_key(request: Request) -> None:  # async: a plain def would cost a thread-pool hop per request
         if api_key is None:
             return
         given = request.headers.get("authorization", "")
