@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nanovllm.engine.inputs import StepInputs, to_device
+from nanovllm.engine.inputs import StepInputs, to_device_packed
 from nanovllm.layers.attention import AttentionBackend, AttentionMetadata
 
 # Beyond this many tokens a step's matmuls take longer than launching it eagerly (~20 ms of host time
@@ -148,10 +148,16 @@ class GraphRunner:
         n, b, t, s = inputs.num_tokens, inputs.num_seqs, shape.num_tokens, shape.num_seqs
         self.input_ids[:n] = input_ids
         self.positions[:n] = positions
-        self.slot_mapping[:t] = to_device(np.pad(inputs.slot_mapping, (0, t - n), constant_values=-1), self.device)
-        self.cu_seqlens_q[: s + 1] = to_device(np.pad(inputs.cu_seqlens_q, (0, s - b), mode="edge"), self.device)
-        self.seq_lens[:s] = to_device(np.pad(inputs.seq_lens, (0, s - b)), self.device)
-        self.block_tables[:b, : inputs.block_tables.shape[1]] = to_device(inputs.block_tables, self.device)
+        slot_mapping, cu_seqlens_q, seq_lens, block_tables = to_device_packed([
+            np.pad(inputs.slot_mapping, (0, t - n), constant_values=-1),
+            np.pad(inputs.cu_seqlens_q, (0, s - b), mode="edge"),
+            np.pad(inputs.seq_lens, (0, s - b)),
+            inputs.block_tables,
+        ], self.device)
+        self.slot_mapping[:t] = slot_mapping
+        self.cu_seqlens_q[: s + 1] = cu_seqlens_q
+        self.seq_lens[:s] = seq_lens
+        self.block_tables[:b, : inputs.block_tables.shape[1]] = block_tables
 
     def close(self) -> None:
         """Drop every graph (a graph that captured NCCL collectives holds a reference on the communicator)."""

@@ -140,6 +140,26 @@ def prefill_inputs(num_seqs: int, seq_len: int, block_size: int) -> StepInputs:
     )
 
 
+def to_device_packed(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Several host arrays -> device tensors in one copy, without waiting for the device: packed into one
+    (pinned) byte buffer at 16-byte aligned offsets, copied once, returned as views of the copy with each
+    array's dtype and shape. Each separate small copy would cost a pinned allocation and a launch on the host.
+    On the CPU the views are of the packed buffer itself."""
+    offsets, size = [], 0
+    for array in arrays:
+        offsets.append(size)
+        size += -(-array.nbytes // 16) * 16
+    host = torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    packed = host.numpy()
+    for array, offset in zip(arrays, offsets):
+        packed[offset : offset + array.nbytes] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    buffer = host.to(device, non_blocking=True)
+    return [buffer[offset : offset + array.nbytes].view(_TORCH_DTYPES[array.dtype]).view(array.shape) for array, offset in zip(arrays, offsets)]
+
+
+_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.float32): torch.float32}
+
+
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """Host array -> device tensor through pinned memory, without waiting for the device."""
     tensor = torch.from_numpy(array)

@@ -11,7 +11,7 @@ import torch
 
 from nanovllm.config import Config
 from nanovllm.engine.graph_runner import GraphRunner
-from nanovllm.engine.inputs import StepInputs, build_step_inputs, num_prompt_logits, prefill_inputs, to_device
+from nanovllm.engine.inputs import StepInputs, build_step_inputs, num_prompt_logits, prefill_inputs, to_device, to_device_packed
 from nanovllm.engine.rpc import Call, CommandReader, WorkerEnd, Workers
 from nanovllm.engine.sampling_inputs import SamplingInputs
 from nanovllm.engine.scheduler import ScheduledBatch
@@ -212,20 +212,28 @@ class ModelRunner:
 
     def execute(self, inputs: StepInputs) -> torch.Tensor | None:
         """Forward pass (a graph replay where a captured shape holds the step); returns logits [S + R, V]
-        on rank 0 (None on other ranks): the S sampled rows, then the R prompt-logprob rows."""
-        input_ids = self._input_ids(inputs, self._to_device(inputs.input_ids))
-        positions = self._to_device(inputs.positions)
+        on rank 0 (None on other ranks): the S sampled rows, then the R prompt-logprob rows.
+        The step's host arrays reach the device in one copy (a graph's padded metadata in a second)."""
         shape = self.graph_runner and self.graph_runner.shape_for(inputs.num_tokens, inputs.num_seqs, inputs.is_decode)
+        logits_indices = np.concatenate([inputs.logits_indices, inputs.prompt_logits_indices])
+        host = [inputs.input_ids, inputs.positions, logits_indices, inputs.pending_rows, inputs.pending_src]
+        if not shape:
+            host += [inputs.cu_seqlens_q, inputs.seq_lens, inputs.slot_mapping, inputs.block_tables]
+        input_ids, positions, logits_indices, pending_rows, pending_src, *metadata = to_device_packed(host, self.device)
+        if len(inputs.pending_rows):
+            # PENDING input ids come from the previous step's sampled tokens, on the device (no host sync).
+            input_ids[pending_rows] = self.last_sampled[pending_src]
         if shape:
             hidden = self.graph_runner.replay(shape, inputs, input_ids, positions)
         else:
+            cu_seqlens_q, seq_lens, slot_mapping, block_tables = metadata
             # max_seqlen_q is the token count, as in the graphs: kernel tiles then depend on the step's size
             # only, so the variants a run needs are those compiled at start-up.
             self.backend.begin_step(AttentionMetadata(
-                cu_seqlens_q=self._to_device(inputs.cu_seqlens_q),
-                seq_lens=self._to_device(inputs.seq_lens),
-                slot_mapping=self._to_device(inputs.slot_mapping),
-                block_tables=self._to_device(inputs.block_tables),
+                cu_seqlens_q=cu_seqlens_q,
+                seq_lens=seq_lens,
+                slot_mapping=slot_mapping,
+                block_tables=block_tables,
                 max_seqlen_q=inputs.num_tokens,
                 max_seqlen_k=inputs.max_seqlen_k,
                 is_decode=inputs.is_decode,
@@ -234,14 +242,7 @@ class ModelRunner:
                 hidden = self.model(input_ids, positions)
             finally:
                 self.backend.end_step()
-        logits_indices = np.concatenate([inputs.logits_indices, inputs.prompt_logits_indices])
-        return self.model.compute_logits(hidden, self._to_device(logits_indices))
-
-    def _input_ids(self, inputs: StepInputs, input_ids: torch.Tensor) -> torch.Tensor:
-        """Fill PENDING input ids from the previous step's sampled tokens, on the device (no host sync)."""
-        if len(inputs.pending_rows):
-            input_ids[self._to_device(inputs.pending_rows)] = self.last_sampled[self._to_device(inputs.pending_src)]
-        return input_ids
+        return self.model.compute_logits(hidden, logits_indices)
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, eos_token_ids: frozenset[int]) -> StepHandle:
