@@ -23,22 +23,42 @@ class IncrementalDetokenizer:
         self.read_offset = 0
         self.text = ""
 
-    def _decode(self, token_ids: list[int]) -> str:
-        if self._backend is not None:
-            return self._backend.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
-        return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False)
-
     def add(self, token_ids: list[int], final: bool = False) -> str:
         """Append tokens; return the newly complete text (everything left when `final`)."""
+        return add_all([self], [token_ids], [final])[0]
+
+    def _extend(self, token_ids: list[int]) -> tuple[list[int], list[int]]:
+        """Append tokens; the two windows to decode: the text already read, and that text plus the new tokens."""
         self.token_ids.extend(token_ids)
-        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
-        new_text = self._decode(self.token_ids[self.prefix_offset :])
+        return self.token_ids[self.prefix_offset : self.read_offset], self.token_ids[self.prefix_offset :]
+
+    def _advance(self, prefix_text: str, new_text: str, final: bool) -> str:
+        """Take the decodings of the two windows of `_extend`; return the new complete text."""
         if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
             return ""
         delta = new_text[len(prefix_text) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
         self.text += delta
         return delta
+
+
+def add_all(detokenizers: list[IncrementalDetokenizer], token_lists: list[list[int]], finals: list[bool]) -> list[str]:
+    """`detokenizers[i].add(token_lists[i], finals[i])` for every i, with the decodes of those sharing a fast
+    tokenizer and skip_special_tokens in one batched call to its Rust backend (a streaming engine decodes
+    two windows of every stream every step; one call per window costs more than the decoding)."""
+    windows = [d._extend(token_ids) for d, token_ids in zip(detokenizers, token_lists)]
+    texts: list[tuple[str, str] | None] = [None] * len(detokenizers)
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for i, d in enumerate(detokenizers):
+        if d._backend is None:
+            texts[i] = tuple(d.tokenizer.decode(w, skip_special_tokens=d.skip_special_tokens, clean_up_tokenization_spaces=False) for w in windows[i])
+        else:
+            groups.setdefault((id(d._backend), d.skip_special_tokens), []).append(i)
+    for (_, skip), rows in groups.items():
+        decoded = detokenizers[rows[0]]._backend.decode_batch([w for i in rows for w in windows[i]], skip_special_tokens=skip)
+        for k, i in enumerate(rows):
+            texts[i] = decoded[2 * k], decoded[2 * k + 1]
+    return [d._advance(*text, final) for d, text, final in zip(detokenizers, texts, finals)]
 
 
 def find_stop(text: str, stops: tuple[str, ...], include: bool, search_from: int) -> tuple[str, str] | None:

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nanovllm.config import Config
-from nanovllm.engine.detokenizer import find_stop
+from nanovllm.engine.detokenizer import add_all, find_stop
 from nanovllm.engine.model_runner import ModelRunner, StepHandle, run_worker
 from nanovllm.engine.requests import Completion, LogprobEntries, Prompt, Request, load_tokenizer, tokenize
 from nanovllm.engine.rpc import Workers
@@ -223,7 +223,7 @@ class LLMEngine:
                     request.num_cached_tokens += seq.num_cached_tokens
         self._record_logprobs(batch.seqs, sampled, handle.output)
         self._record_prompt_logprobs(batch.seqs, handle)
-        chunks = []
+        emitting = []
         for seq in self.scheduler.resolve(batch, sampled):
             request = self.requests.get(seq.request_id)
             if request is None:
@@ -232,10 +232,26 @@ class LLMEngine:
                 for sibling in request.held:
                     self.scheduler.add(sibling)
                 request.held = []
-            chunk = self._emit(request, request.completions[seq.completion_index])
+            # A generate() completion without stop strings has nothing to detokenize or emit until it ends.
+            if request.stream or seq.sampling_params.stop or seq.is_finished:
+                emitting.append((request, request.completions[seq.completion_index]))
+        new_texts = self._detokenize([completion for _, completion in emitting])
+        chunks = []
+        for (request, completion), new_text in zip(emitting, new_texts):
+            chunk = self._emit(request, completion, new_text)
             if chunk is not None:
                 chunks.append(chunk)
         return chunks
+
+    def _detokenize(self, completions: list[Completion]) -> list[str]:
+        """Each completion's new text from its new tokens, decoded in one batch ("" without a tokenizer)."""
+        if self.tokenizer is None:
+            return [""] * len(completions)
+        return add_all(
+            [c.detokenizer for c in completions],
+            [c.seq.completion_token_ids_from(len(c.detokenizer.token_ids)) for c in completions],
+            [c.seq.is_finished for c in completions],
+        )
 
     def _record_logprobs(self, seqs: list[Sequence], sampled: list[int | None], output: SamplerOutput) -> None:
         """Append {token id: Logprob} (top-n plus the sampled token) for each sequence that sampled and asked for logprobs."""
@@ -269,8 +285,9 @@ class LLMEngine:
     def _token_text(self, token_id: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id])
 
-    def _emit(self, request: Request, completion: Completion) -> StreamChunk | None:
-        """Detokenize a completion that got a token; apply stop strings; build its stream chunk.
+    def _emit(self, request: Request, completion: Completion, new_text: str) -> StreamChunk | None:
+        """Apply stop strings to a completion that got a token and `new_text` (its text's new end); build its
+        stream chunk.
 
         A stream holds back the last len(longest stop string) - 1 characters until the completion
         ends, so a stop string never leaks into it.
@@ -278,18 +295,13 @@ class LLMEngine:
         seq = completion.seq
         params = seq.sampling_params
         finished = seq.is_finished
-        if not (request.stream or params.stop or finished):
-            return None  # the usual generate() completion: nothing to do until it ends
         detok = completion.detokenizer
-        if detok is not None:
-            old_len = len(detok.text)
-            detok.add(seq.completion_token_ids_from(len(detok.token_ids)), final=finished)
-            if params.stop and seq.num_output_tokens >= params.min_tokens:
-                hit = find_stop(detok.text, params.stop, params.include_stop_str_in_output, old_len)
-                if hit is not None:
-                    detok.text, completion.stop_reason = hit
-                    self.scheduler.finish(seq, "stop")
-                    finished = True
+        if detok is not None and params.stop and seq.num_output_tokens >= params.min_tokens:
+            hit = find_stop(detok.text, params.stop, params.include_stop_str_in_output, len(detok.text) - len(new_text))
+            if hit is not None:
+                detok.text, completion.stop_reason = hit
+                self.scheduler.finish(seq, "stop")
+                finished = True
         if seq.finish_reason == "stop" and completion.stop_reason is None and seq.completion_token_ids[-1] in params.stop_token_ids:
             completion.stop_reason = seq.completion_token_ids[-1]
         if not request.stream:
