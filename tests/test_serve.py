@@ -117,6 +117,30 @@ def test_stop_string_cuts_the_text(client, offline, tiny_model) -> None:
     assert streamed_texts(stream)[:2] == ({0: cut}, {0: "stop"})
 
 
+def test_streamed_logprobs_and_role_equal_the_whole_response(client, tiny_model) -> None:
+    """The streamed events (their JSON assembled from pre-encoded parts) carry what the whole response does."""
+    extra = {"ignore_eos": True}
+    whole = client.completions.create(model=tiny_model, prompt=[5, 6, 7], max_tokens=6, temperature=0, logprobs=2, extra_body=extra).choices[0]
+    chunks = [c for event in client.completions.create(model=tiny_model, prompt=[5, 6, 7], max_tokens=6, temperature=0, logprobs=2,
+                                                        extra_body=extra, stream=True) for c in event.choices]
+    assert "".join(c.text for c in chunks) == whole.text and chunks[-1].finish_reason == whole.finish_reason == "length"
+    for name in ("tokens", "text_offset"):
+        assert [x for c in chunks for x in getattr(c.logprobs, name)] == getattr(whole.logprobs, name), name
+    assert [x for c in chunks for x in c.logprobs.token_logprobs] == pytest.approx(whole.logprobs.token_logprobs, abs=1e-4)
+    assert [list(top) for c in chunks for top in c.logprobs.top_logprobs] == [list(top) for top in whole.logprobs.top_logprobs]
+    messages = [{"role": "user", "content": 'say "hi"\n'}]
+    whole = client.chat.completions.create(model=tiny_model, messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2,
+                                           extra_body=extra).choices[0]
+    chunks = [c for event in client.chat.completions.create(model=tiny_model, messages=messages, max_tokens=5, temperature=0, logprobs=True,
+                                                             top_logprobs=2, extra_body=extra, stream=True) for c in event.choices]
+    assert [c.delta.role for c in chunks] == ["assistant"] + [None] * (len(chunks) - 1)
+    assert "".join(c.delta.content for c in chunks) == whole.message.content and chunks[-1].finish_reason == "length"
+    streamed = [item for c in chunks for item in c.logprobs.content]
+    assert [(i.token, i.bytes, [top.token for top in i.top_logprobs]) for i in streamed] == \
+        [(i.token, i.bytes, [top.token for top in i.top_logprobs]) for i in whole.logprobs.content]
+    assert [i.logprob for i in streamed] == pytest.approx([i.logprob for i in whole.logprobs.content], abs=1e-4)
+
+
 def test_32_concurrent_greedy_clients_equal_offline_generate(server, offline, tiny_model, vocab_ids) -> None:
     prompts = random_prompts(32, 4, 80, vocab_ids, seed=3)
     expected = offline.generate(prompts, SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)

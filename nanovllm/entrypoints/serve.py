@@ -194,22 +194,24 @@ def _sse(payload: dict | str) -> str:
 
 
 def _streaming_response(submitted: Submitted, include_usage: bool, header: dict, render) -> StreamingResponse:
-    """SSE: one event per choice that got output (`render(choice, output)` makes its choice entry), all
-    events of one wake-up in one write; then usage if asked, then [DONE]."""
+    """SSE: one event per choice that got output, all events of one wake-up in one write; then usage if
+    asked, then [DONE]. `render(choice, output)` gives the choice entry as JSON text (or None for no
+    event): the header part of the events is encoded once per response, not once per event."""
+    prefix = f'data: {json.dumps(header)[:-1]}, "choices": ['
 
-    async def events() -> AsyncIterator[str]:
+    async def events() -> AsyncIterator[bytes]:
         try:
             async for pairs in _outputs(submitted):
                 entries = [entry for choice, output in pairs if (entry := render(choice, output)) is not None]
                 if entries:
-                    yield "".join(_sse({**header, "choices": [entry]}) for entry in entries)
+                    yield "".join(f"{prefix}{entry}]}}\n\n" for entry in entries).encode()
             if include_usage:
-                yield _sse({**header, "choices": [], "usage": _usage(submitted)})
+                yield _sse({**header, "choices": [], "usage": _usage(submitted)}).encode()
         except EngineStopped as error:
-            yield _sse(ApiError(503, str(error)).body)
+            yield _sse(ApiError(503, str(error)).body).encode()
         finally:
             submitted.close()
-        yield _sse("[DONE]")
+        yield b"data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -272,11 +274,12 @@ def build_app(client: EngineClient, model_name: str, api_key: str | None = None,
         submitted = await _submit(state, body, body.prompts(), COMPLETION_DEFAULT_MAX_TOKENS)
         header = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model_name}
 
-        def entry(choice: Choice, output: Output) -> dict:
-            logprobs = None
+        def entry(choice: Choice, output: Output) -> str:
+            logprobs = "null"
             if output.logprobs is not None:
-                logprobs = completion_logprobs(list(zip(output.token_ids, output.logprobs)), len(choice.text) - len(output.text))
-            return {"index": choice.index, "text": output.text, "logprobs": logprobs, "finish_reason": output.finish_reason}
+                logprobs = json.dumps(completion_logprobs(list(zip(output.token_ids, output.logprobs)), len(choice.text) - len(output.text)))
+            return (f'{{"index": {choice.index}, "text": {json.dumps(output.text)}, "logprobs": {logprobs}, '
+                    f'"finish_reason": {json.dumps(output.finish_reason)}}}')
 
         if body.stream:
             return _streaming_response(submitted, body.include_usage, header, entry)
@@ -295,13 +298,14 @@ def build_app(client: EngineClient, model_name: str, api_key: str | None = None,
         submitted = await _submit(state, body, [prompt], state.max_model_len)
         header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name}
 
-        def entry(choice: Choice, output: Output) -> dict | None:
+        def entry(choice: Choice, output: Output) -> str | None:
             first = choice.num_tokens == len(output.token_ids)
             if not output.text and not output.finished and not first:
                 return None
-            delta = {"role": "assistant", "content": output.text} if first else {"content": output.text}
-            logprobs = chat_logprobs(list(zip(output.token_ids, output.logprobs)), body.top_logprobs or 0) if body.logprobs else None
-            return {"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": output.finish_reason}
+            role = '"role": "assistant", ' if first else ""
+            logprobs = json.dumps(chat_logprobs(list(zip(output.token_ids, output.logprobs)), body.top_logprobs or 0)) if body.logprobs else "null"
+            return (f'{{"index": {choice.index}, "delta": {{{role}"content": {json.dumps(output.text)}}}, "logprobs": {logprobs}, '
+                    f'"finish_reason": {json.dumps(output.finish_reason)}}}')
 
         if body.stream:
             return _streaming_response(submitted, body.include_usage, header, entry)
