@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--server-args", default="", help="extra `nanovllm serve` flags, e.g. '--device cpu --max-model-len 4096'")
     parser.add_argument("--client-procs", type=int, default=4, help="client processes the requests are spread over (default: 4)")
     parser.add_argument("--json", help="also append the figures to this file")
+    parser.add_argument("--profile-server", metavar="PATH", help="record the server's two processes with py-spy into PATH (collapsed stacks)")
+    parser.add_argument("--py-spy", default="py-spy", help="the py-spy executable for --profile-server (default: py-spy on PATH)")
     args = parser.parse_args()
     # Here, not at the top: the client processes re-import this module, and need neither torch nor transformers.
     from transformers import AutoConfig
@@ -117,7 +119,7 @@ def main() -> None:
     bodies = [{"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0.6, "ignore_eos": True,
                "stream": True, "stream_options": {"include_usage": True}} for prompt, n in zip(workload.prompts, max_tokens)]
     client_procs = min(args.client_procs, len(bodies))
-    server = ServerProcess(model, ["--log-level", "warning", *args.server_args.split()])
+    server = ServerProcess(model, ["--log-level", "warning", *args.server_args.split()], profile=args.profile_server, py_spy=args.py_spy)
     try:
         results = run_client_processes(server.url, bodies, client_procs)
     finally:

@@ -7,7 +7,7 @@ import tempfile
 
 import httpx
 
-from benchmarks.server import REPO, ServerProcess
+from benchmarks.server import REPO, ServerProcess, child_pids
 
 ENGINE_FLAGS = ["--device", "cpu", "--kvcache-block-size", "16", "--max-num-batched-tokens", "4096"]
 
@@ -36,20 +36,6 @@ class Server(ServerProcess):
     def kill(self) -> None:
         super().kill()
         self.log.close()
-
-
-def child_pids(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (read from /proc)."""
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = pathlib.Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                children.append(int(entry))
-    return children
 
 
 def descendant_pids(pid: int) -> list[int]:

@@ -19,6 +19,18 @@ def test_bench_serve_smoke_on_cpu() -> None:
     assert figures["output_tok_per_s"] > 0 and 0 < figures["ttft_ms_p50"] <= figures["ttft_ms_p99"]
 
 
+def test_profile_server_records_both_server_processes(tmp_path) -> None:
+    profile = tmp_path / "serve.txt"
+    command = [sys.executable, "bench_serve.py", "--preset", "tiny", "--num-seqs", "2", "--max-output-len", "4",
+               "--client-procs", "1", "--server-args", "--device cpu", "--profile-server", str(profile)]
+    done = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["output_tokens"] == figures["expected_tokens"] > 0 and figures["server_exit"] == 0
+    stacks = profile.read_text()
+    assert "EngineClient" in stacks and "run_engine_core" in stacks, "both the API process and the engine process are sampled"
+
+
 def test_a_client_process_that_fails_ends_the_run() -> None:
     """Nothing listens on the port: every client process fails, and the run raises instead of waiting forever."""
     code = f"import bench_serve; bench_serve.run_client_processes('http://127.0.0.1:{free_port()}', [{{}}] * 2, 2)"
