@@ -90,12 +90,16 @@ class Choice:
     num_tokens: int = 0
     logprobs: TokenLogprobs = field(default_factory=list)
     finish_reason: str | None = None
+    tokens_text_len: int = 0  # of the decoded texts of the tokens with logprobs (completions' text_offset counts in them)
+    latest_text_offset: int = 0  # the text_offset of the latest output's first token
 
     def add(self, output: Output) -> None:
         self.timer.record(output)
         self.text += output.text
         self.num_tokens += len(output.token_ids)
         if output.logprobs is not None:
+            self.latest_text_offset = self.tokens_text_len
+            self.tokens_text_len += sum(len(entry[token].decoded_token) for token, entry in zip(output.token_ids, output.logprobs))
             self.logprobs += zip(output.token_ids, output.logprobs)
         self.finish_reason = output.finish_reason
 
@@ -277,7 +281,7 @@ def build_app(client: EngineClient, model_name: str, api_key: str | None = None,
         def entry(choice: Choice, output: Output) -> str:
             logprobs = "null"
             if output.logprobs is not None:
-                logprobs = json.dumps(completion_logprobs(list(zip(output.token_ids, output.logprobs)), len(choice.text) - len(output.text)))
+                logprobs = json.dumps(completion_logprobs(list(zip(output.token_ids, output.logprobs)), choice.latest_text_offset))
             return (f'{{"index": {choice.index}, "text": {json.dumps(output.text)}, "logprobs": {logprobs}, '
                     f'"finish_reason": {json.dumps(output.finish_reason)}}}')
 
