@@ -27,8 +27,10 @@ def test_profile_server_records_both_server_processes(tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["output_tokens"] == figures["expected_tokens"] > 0 and figures["server_exit"] == 0
-    stacks = profile.read_text()
-    assert "EngineClient" in stacks and "run_engine_core" in stacks, "both the API process and the engine process are sampled"
+    # A sample's stack starts with its process and the processes above it: `process PID:"command";...`.
+    processes = [line.split(";")[:2] for line in profile.read_text().splitlines()]
+    assert any("nanovllm.serve" in first and not second.startswith("process ") for first, second in processes), "no sample of the server"
+    assert any("nanovllm.serve" in first and "spawn_main" in second for first, second in processes), "no sample of its engine process"
 
 
 def test_a_client_process_that_fails_ends_the_run() -> None:
