@@ -40,7 +40,7 @@ class FakeModel:
         self.kv_positions = np.full(num_blocks * BS, -1, dtype=np.int64)
 
     def run(self, batch: ScheduledBatch) -> list[int | None]:
-        inputs = build_step_inputs(batch, BS, {}, share_sampled=False)
+        inputs = build_step_inputs(batch, BS, [], share_sampled=False)
         expected_ids = [t for s, n in zip(batch.seqs, batch.num_new_tokens) for t in s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n]]
         assert inputs.input_ids.tolist() == expected_ids
         assert inputs.cu_seqlens_q.tolist() == np.cumsum([0, *batch.num_new_tokens]).tolist()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanovllm.engine.inputs import padded_block_tables, to_device_packed
+from nanovllm.engine.inputs import padded_block_tables, rows_among, to_device_packed
 
 
 def arrays() -> list[np.ndarray]:
@@ -48,3 +48,11 @@ def test_packed_arrays_on_the_gpu():
 def test_block_tables_padded_to_the_longest():
     assert padded_block_tables([[3], [4, 5, 6], []]).tolist() == [[3, -1, -1], [4, 5, 6], [-1, -1, -1]]
     assert padded_block_tables([[1, 2], [3, 4]]).dtype == np.int32
+
+
+def test_rows_among_the_previous_step():
+    assert rows_among([4, 7, 9], [4, 7, 9]).tolist() == [0, 1, 2]
+    assert rows_among([4, 7], [4, 7, 9]).tolist() == [0, 1], "the last rows finished"
+    assert rows_among([7, 9], [4, 7, 9]).tolist() == [1, 2], "the first row finished"
+    assert rows_among([9, 4], [4, 7, 9]).tolist() == [2, 0]
+    assert rows_among([], [4]).tolist() == [] and rows_among([], []).dtype == np.int64

@@ -67,9 +67,18 @@ def padded_block_tables(tables: list[list[int]]) -> np.ndarray:
     return block_tables
 
 
-def build_step_inputs(batch: ScheduledBatch, block_size: int, sample_rows: dict[int, int], share_sampled: bool) -> StepInputs:
-    """The step's host arrays from sequence state (before `Scheduler.advance`). `sample_rows` maps a
-    sequence id to its row in the previous step's sampled tokens (the source of its PENDING input).
+def rows_among(seq_ids: list[int], sampled_ids: list[int]) -> np.ndarray:
+    """int64 row of each of `seq_ids` in `sampled_ids` (the sequences whose tokens the previous step sampled,
+    in row order). Steady decoding asks for the previous rows themselves, or their first rows: no lookup."""
+    if seq_ids == sampled_ids[: len(seq_ids)]:
+        return np.arange(len(seq_ids), dtype=np.int64)
+    row_of = {seq_id: row for row, seq_id in enumerate(sampled_ids)}
+    return np.array([row_of[seq_id] for seq_id in seq_ids], dtype=np.int64)
+
+
+def build_step_inputs(batch: ScheduledBatch, block_size: int, sampled_ids: list[int], share_sampled: bool) -> StepInputs:
+    """The step's host arrays from sequence state (before `Scheduler.advance`). `sampled_ids`: the sequences
+    whose tokens the previous step sampled, in row order (the sources of PENDING inputs).
 
     Runs for every step over every sequence: one list comprehension per attribute read, then numpy."""
     seqs = batch.seqs
@@ -99,7 +108,7 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, sample_rows: dict[
         prompt_rows.extend(range(row, row + count))
         prompt_targets.extend(seq.token_ids[b + 1 : b + 1 + count])
     pending_rows = np.flatnonzero(input_ids == PENDING)
-    pending_src = np.array([sample_rows[seqs[i].seq_id] for i in seq_index[pending_rows].tolist()], dtype=np.int64)
+    pending_src = rows_among([seqs[i].seq_id for i in seq_index[pending_rows].tolist()], sampled_ids)
     return StepInputs(
         input_ids=input_ids,
         positions=positions,
@@ -145,16 +154,14 @@ def to_device_packed(arrays: list[np.ndarray], device: torch.device) -> list[tor
     (pinned) byte buffer at 16-byte aligned offsets, copied once, returned as views of the copy with each
     array's dtype and shape. Each separate small copy would cost a pinned allocation and a launch on the host.
     On the CPU the views are of the packed buffer itself."""
-    offsets, size = [], 0
-    for array in arrays:
-        offsets.append(size)
-        size += -(-array.nbytes // 16) * 16
-    host = torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
-    packed = host.numpy()
-    for array, offset in zip(arrays, offsets):
+    sizes = [-(-array.nbytes // 16) * 16 for array in arrays]
+    host = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    packed, offset = host.numpy(), 0
+    for array, size in zip(arrays, sizes):
         packed[offset : offset + array.nbytes] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-    buffer = host.to(device, non_blocking=True)
-    return [buffer[offset : offset + array.nbytes].view(_TORCH_DTYPES[array.dtype]).view(array.shape) for array, offset in zip(arrays, offsets)]
+        offset += size
+    pieces = host.to(device, non_blocking=True).split(sizes)
+    return [piece[: array.nbytes].view(_TORCH_DTYPES[array.dtype]).view(array.shape) for piece, array in zip(pieces, arrays)]
 
 
 _TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.float32): torch.float32}

@@ -61,7 +61,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config, self.runtime.num_kvcache_blocks, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._request_ids = count()
-        self._in_flight: tuple[ScheduledBatch, StepHandle] | None = None
+        self._in_flight: tuple[ScheduledBatch, StepHandle, list[Sequence]] | None = None
         self._lock = threading.RLock()
         self._closed = False
         # The process now holds ~400k long-lived objects (model, tokenizer, libraries). Python's full
@@ -203,8 +203,8 @@ class LLMEngine:
                 raise RuntimeError("scheduler could not schedule any sequence (KV pool smaller than one request?)")
             launched = None
             if batch.seqs:
-                launched = (batch, self.model_runner.launch(batch, self.eos_token_ids))
-                self.scheduler.advance(batch)
+                handle = self.model_runner.launch(batch, self.eos_token_ids)
+                launched = (batch, handle, self.scheduler.advance(batch))
             if self.runtime.overlap:
                 done, self._in_flight = self._in_flight, launched
             else:
@@ -213,14 +213,13 @@ class LLMEngine:
             num_decode = batch.num_tokens if batch.is_decode else 0
             return chunks, batch.num_tokens - num_decode, num_decode
 
-    def _complete(self, batch: ScheduledBatch, handle: StepHandle) -> list[StreamChunk]:
-        """Read a launched step's tokens, resolve them in the scheduler, detokenize and emit."""
+    def _complete(self, batch: ScheduledBatch, handle: StepHandle, starting: list[Sequence]) -> list[StreamChunk]:
+        """Read a launched step's tokens, resolve them in the scheduler, detokenize and emit. `starting`:
+        the sequences whose first token the step sampled."""
         sampled = handle.sampled()
-        for seq, token in zip(batch.seqs, sampled):
-            # A first token (seq.num_output_tokens == 0, inline: this runs for every sequence of every step).
-            if token is not None and len(seq.token_ids) - seq.num_pending_tokens == seq.num_prompt_tokens:
-                if (request := self.requests.get(seq.request_id)) is not None:
-                    request.num_cached_tokens += seq.num_cached_tokens
+        for seq in starting:
+            if (request := self.requests.get(seq.request_id)) is not None:
+                request.num_cached_tokens += seq.num_cached_tokens
         self._record_logprobs(batch.seqs, sampled, handle.output)
         self._record_prompt_logprobs(batch.seqs, handle)
         emitting = []

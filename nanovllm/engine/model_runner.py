@@ -123,7 +123,7 @@ class ModelRunner:
         self.overlap = self.device.type == "cuda" if config.overlap_scheduling is None else config.overlap_scheduling
         self.share_sampled = self.overlap and self.group.size > 1
         self.last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)
-        self.sample_rows: dict[int, int] = {}
+        self.sampled_ids: list[int] = []  # the sequence of each row of last_sampled
         self.sampling_inputs = SamplingInputs(self.vocab_size, self._to_device)
         self.graph_runner: GraphRunner | None = None
         self.kv_cache = self._allocate_kv_cache(self._num_kv_blocks())
@@ -203,7 +203,7 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Build the step's host arrays from sequence state (before `Scheduler.advance`)."""
-        return build_step_inputs(batch, self.block_size, self.sample_rows, self.share_sampled)
+        return build_step_inputs(batch, self.block_size, self.sampled_ids, self.share_sampled)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return to_device(array, self.device)
@@ -220,9 +220,13 @@ class ModelRunner:
         if not shape:
             host += [inputs.cu_seqlens_q, inputs.seq_lens, inputs.slot_mapping, inputs.block_tables]
         input_ids, positions, logits_indices, pending_rows, pending_src, *metadata = to_device_packed(host, self.device)
-        if len(inputs.pending_rows):
-            # PENDING input ids come from the previous step's sampled tokens, on the device (no host sync).
-            input_ids[pending_rows] = self.last_sampled[pending_src]
+        if num_pending := len(inputs.pending_rows):
+            # PENDING input ids come from the previous step's sampled tokens, on the device (no host sync);
+            # in steady decoding rows 0..k-1 take rows 0..k-1: one copy instead of two indexing kernels.
+            if inputs.pending_rows[-1] == num_pending - 1 and np.array_equal(inputs.pending_src, inputs.pending_rows):
+                input_ids[:num_pending] = self.last_sampled[:num_pending]
+            else:
+                input_ids[pending_rows] = self.last_sampled[pending_src]
         if shape:
             hidden = self.graph_runner.replay(shape, inputs, input_ids, positions)
         else:
@@ -256,11 +260,11 @@ class ModelRunner:
         prompt_logprobs = self._prompt_logprobs(batch, logits[len(inputs.logits_indices) :], inputs.prompt_targets)
         logits = logits[: len(inputs.logits_indices)]
         sampling_seqs = [s for s, sampled in zip(batch.seqs, samples) if sampled]
-        output = self.sampler(logits, self.sampling_inputs.build(sampling_seqs, eos_token_ids, self.last_sampled, self.sample_rows))
+        output = self.sampler(logits, self.sampling_inputs.build(sampling_seqs, eos_token_ids, self.last_sampled, self.sampled_ids))
         if inputs.share_sampled:
             self.group.broadcast(output.token_ids)
         self.last_sampled = output.token_ids
-        self.sample_rows = {seq.seq_id: row for row, seq in enumerate(sampling_seqs)}
+        self.sampled_ids = [seq.seq_id for seq in sampling_seqs]
         if self.device.type != "cuda":
             return StepHandle(samples, output, output.token_ids, None, prompt_spans, prompt_logprobs)
         host_tokens = torch.empty(output.token_ids.shape, dtype=output.token_ids.dtype, pin_memory=True)

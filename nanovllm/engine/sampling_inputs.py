@@ -12,6 +12,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from nanovllm.engine.inputs import rows_among
 from nanovllm.engine.sequence import PENDING, Sequence
 from nanovllm.layers.sampler import Penalties, SamplingTensors
 from nanovllm.sampling_params import MAX_SEED, SamplingParams
@@ -69,9 +70,9 @@ class SamplingInputs:
         return self.to_device(np.asarray(values, dtype=dtype))
 
     def build(self, seqs: list[Sequence], eos_token_ids: frozenset[int], last_sampled: torch.Tensor,
-              sample_rows: dict[int, int]) -> SamplingTensors:
-        """`last_sampled` / `sample_rows`: the previous step's sampled tokens on the device and the row of
-        each sequence in it; they fill the PENDING token a penalised sequence may still have in flight."""
+              sampled_ids: list[int]) -> SamplingTensors:
+        """`last_sampled` / `sampled_ids`: the previous step's sampled tokens on the device and the sequence of
+        each row; they fill the PENDING token a penalised sequence may still have in flight."""
         rows = [s.seq_id for s in seqs]
         if rows != self._rows:
             params = [s.sampling_params for s in seqs]
@@ -93,7 +94,7 @@ class SamplingInputs:
         if banned:
             moving["banned"] = self._device_array(banned, np.int64).T
         if self._penalised:
-            moving["penalties"] = _penalties(seqs, self.vocab_size, self._device_array, last_sampled, sample_rows, self.prompt_tokens)
+            moving["penalties"] = _penalties(seqs, self.vocab_size, self._device_array, last_sampled, sampled_ids, self.prompt_tokens)
         else:
             self.prompt_tokens.clear()
         return replace(self._fixed, **moving) if moving else self._fixed
@@ -131,7 +132,7 @@ def _padded(rows: list[list[int]], vocab_size: int) -> np.ndarray:
 
 
 def _penalties(seqs: list[Sequence], vocab_size: int, device_array: Callable, last_sampled: torch.Tensor,
-               sample_rows: dict[int, int], prompt_tokens: PromptTokenTable) -> Penalties:
+               sampled_ids: list[int], prompt_tokens: PromptTokenTable) -> Penalties:
     """Penalty values per row and each row's prompt and output tokens, padded with `vocab_size`
     (rows without penalties get neutral values and no tokens)."""
     active = [s.sampling_params.has_penalties for s in seqs]
@@ -140,7 +141,7 @@ def _penalties(seqs: list[Sequence], vocab_size: int, device_array: Callable, la
     pending = np.argwhere(output_table == PENDING)
     output_tokens = device_array(output_table, np.int64)
     if len(pending):
-        sources = device_array([sample_rows[seqs[row].seq_id] for row in pending[:, 0].tolist()], np.int64)
+        sources = device_array(rows_among([seqs[row].seq_id for row in pending[:, 0].tolist()], sampled_ids), np.int64)
         output_tokens[device_array(pending[:, 0], np.int64), device_array(pending[:, 1], np.int64)] = last_sampled[sources]
     return Penalties(
         repetition=device_array([s.sampling_params.repetition_penalty for s in seqs], np.float32),

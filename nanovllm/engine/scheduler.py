@@ -11,7 +11,7 @@ from nanovllm.engine.sequence import PENDING, Sequence, SequenceStatus
 
 @dataclass
 class ScheduledBatch:
-    """One step's work: sequence i computes `num_new_tokens[i]` tokens starting at its `num_computed_tokens`.
+    """One step's work: sequence i computes `num_new_tokens[i]` (>= 1) tokens starting at its `num_computed_tokens`.
 
     A sequence samples a token when this step reaches its last token. `is_decode` means every
     sequence computes exactly one token (the shape CUDA graphs and the decode kernel serve).
@@ -22,7 +22,7 @@ class ScheduledBatch:
 
     @property
     def is_decode(self) -> bool:
-        return not self.num_new_tokens or min(self.num_new_tokens) == max(self.num_new_tokens) == 1
+        return self.num_tokens == len(self.num_new_tokens)  # every count is at least 1: all are 1
 
     @property
     def num_tokens(self) -> int:
@@ -143,16 +143,21 @@ class Scheduler:
         self.advance(batch)
         return self.resolve(batch, sampled)
 
-    def advance(self, batch: ScheduledBatch) -> None:
+    def advance(self, batch: ScheduledBatch) -> list[Sequence]:
         """Mark the step's tokens computed and give each sequence that samples a PENDING token.
+        Returns the sequences whose first generated token that is.
 
         Called once the step is launched (its inputs were built from the state before this call).
         """
+        starting = []
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += num_new
-            if seq.num_computed_tokens == seq.num_tokens:
+            if seq.num_computed_tokens == len(seq.token_ids):
+                if seq.num_computed_tokens == seq.num_prompt_tokens:
+                    starting.append(seq)
                 seq.token_ids.append(PENDING)
                 seq.num_pending_tokens += 1
+        return starting
 
     def resolve(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
         """Fill in the step's sampled tokens, hash blocks that became full, apply the stop rules.
