@@ -34,6 +34,8 @@ def test_packed_arrays_keep_values_dtypes_and_shapes():
     tensors[1][1] = 99  # one array's view is its own: writing it leaves the others as they were
     check([tensors[0], tensors[2], tensors[3]], [expected[0], expected[2], expected[3]])
     assert to_device_packed([], torch.device("cpu")) == []
+    only_empty = [np.zeros(0, dtype=np.int64), np.array([[3]], dtype=np.int32), np.zeros((0, 4), dtype=np.int32)]
+    check(to_device_packed(only_empty, torch.device("cpu")), only_empty)
 
 
 @pytest.mark.cuda

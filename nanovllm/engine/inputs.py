@@ -95,7 +95,8 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, sampled_ids: list[
         positions = starts
         seq_index = np.arange(num_seqs)
     else:
-        input_ids = np.concatenate([np.asarray(s.token_ids[b:e], dtype=np.int64) for s, b, e in zip(seqs, starts.tolist(), ends.tolist())])
+        chunks = [s.token_ids[b:e] for s, b, e in zip(seqs, starts.tolist(), ends.tolist())]
+        input_ids = np.fromiter(chain.from_iterable(chunks), dtype=np.int64, count=int(cu_seqlens_q[-1]))
         seq_index = np.repeat(np.arange(num_seqs), counts)
         positions = np.arange(len(input_ids), dtype=np.int64) - np.repeat(cu_seqlens_q[:-1] - starts, counts)
     slot_mapping = (block_tables[seq_index, positions // block_size].astype(np.int64) * block_size + positions % block_size).astype(np.int32)
@@ -150,18 +151,27 @@ def prefill_inputs(num_seqs: int, seq_len: int, block_size: int) -> StepInputs:
 
 
 def to_device_packed(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
-    """Several host arrays -> device tensors in one copy, without waiting for the device: packed into one
-    (pinned) byte buffer at 16-byte aligned offsets, copied once, returned as views of the copy with each
-    array's dtype and shape. Each separate small copy would cost a pinned allocation and a launch on the host.
-    On the CPU the views are of the packed buffer itself."""
-    sizes = [-(-array.nbytes // 16) * 16 for array in arrays]
+    """Several host arrays -> device tensors in one copy, without waiting for the device: the arrays of each
+    dtype concatenated into one region of one (pinned) byte buffer, copied once, returned as views of the
+    copy with each array's dtype and shape. Each separate small copy would cost a pinned allocation and a
+    launch on the host. On the CPU the views are of the packed buffer itself."""
+    groups: dict[np.dtype, list[int]] = {}
+    for i, array in enumerate(arrays):
+        groups.setdefault(array.dtype, []).append(i)
+    regions = [np.concatenate([arrays[i].reshape(-1) for i in members]) for members in groups.values()]
+    sizes = [-(-region.nbytes // 16) * 16 for region in regions]
     host = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=device.type == "cuda")
     packed, offset = host.numpy(), 0
-    for array, size in zip(arrays, sizes):
-        packed[offset : offset + array.nbytes] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    for region, size in zip(regions, sizes):
+        packed[offset : offset + region.nbytes] = region.view(np.uint8)
         offset += size
+    tensors: list[torch.Tensor] = [None] * len(arrays)
     pieces = host.to(device, non_blocking=True).split(sizes)
-    return [piece[: array.nbytes].view(_TORCH_DTYPES[array.dtype]).view(array.shape) for piece, array in zip(pieces, arrays)]
+    for (dtype, members), region, piece in zip(groups.items(), regions, pieces):
+        views = piece[: region.nbytes].view(_TORCH_DTYPES[dtype]).split([arrays[i].size for i in members])
+        for i, view in zip(members, views):
+            tensors[i] = view if arrays[i].ndim == 1 else view.view(arrays[i].shape)
+    return tensors
 
 
 _TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.float32): torch.float32}
