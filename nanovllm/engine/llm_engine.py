@@ -371,10 +371,10 @@ class LLMEngine:
                             prefill_tps = num_prefill / elapsed
                         if num_decode:
                             decode_tps = num_decode / elapsed
-                        bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s")
-                for chunk in mine:
-                    bar.update(chunk.finished)
-                    yield chunk
+                        if use_tqdm:
+                            bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s")
+                bar.update(sum(chunk.finished for chunk in mine))
+                yield from mine
         finally:
             bar.close()
             for request in requests:

@@ -58,8 +58,11 @@ class StepHandle:
         """Wait for the step; the token drawn for each batch row (None for a partial prefill chunk)."""
         if self.done is not None:
             self.done.synchronize()
-        tokens = iter(self.host_tokens.tolist())
-        return [next(tokens) if samples else None for samples in self.samples]
+        tokens = self.host_tokens.tolist()
+        if len(tokens) == len(self.samples):
+            return tokens  # every row sampled (any decode step)
+        rows = iter(tokens)
+        return [next(rows) if samples else None for samples in self.samples]
 
 
 def resolve_device(config: Config, rank: int) -> torch.device:
@@ -259,7 +262,7 @@ class ModelRunner:
                         for s, n in zip(batch.seqs, batch.num_new_tokens)] if len(inputs.prompt_targets) else []
         prompt_logprobs = self._prompt_logprobs(batch, logits[len(inputs.logits_indices) :], inputs.prompt_targets)
         logits = logits[: len(inputs.logits_indices)]
-        sampling_seqs = [s for s, sampled in zip(batch.seqs, samples) if sampled]
+        sampling_seqs = batch.seqs if all(samples) else [s for s, sampled in zip(batch.seqs, samples) if sampled]
         output = self.sampler(logits, self.sampling_inputs.build(sampling_seqs, eos_token_ids, self.last_sampled, self.sampled_ids))
         if inputs.share_sampled:
             self.group.broadcast(output.token_ids)
