@@ -10,7 +10,6 @@ is prefilled once) whose n completions each deliver their own Outputs.
 """
 from __future__ import annotations
 
-import gc
 import queue
 import signal
 import socket
@@ -195,8 +194,6 @@ def run_engine_core(model: str, engine_kwargs: dict, max_waiting: int | None, co
     except Exception as error:
         send_message(updates, Failed(f"the engine failed to start: {error!r}"))
         raise SystemExit(1) from error
-    gc.collect()
-    gc.freeze()  # the model's and libraries' objects: later full collections scan only what the loop made (no ~100 ms pauses)
     try:
         config = engine.config
         send_message(updates, Ready(config.model, config.max_model_len, engine.tokenizer is not None))
