@@ -39,9 +39,9 @@ class ServerProcess:
     this process's), its output to `log` (default: inherited). The constructor returns once /health
     answers 200; it kills the server and raises RuntimeError if it exits or is not ready in `timeout_s`.
 
-    With `profile` (a file name), the server runs under `py_spy record --subprocesses` (its engine
-    process too), which writes the samples of both as collapsed stacks (--format raw) when the server
-    exits; `process` is then py-spy's, and `server_pid` the server's."""
+    With `profile` (a file name), the server runs under `py_spy record --subprocesses --nonblocking` (its
+    engine process too, sampled without pausing either), which writes the samples of both as collapsed
+    stacks (--format raw) when the server exits; `process` is then py-spy's, and `server_pid` the server's."""
 
     def __init__(self, model: str, flags: list[str], env: dict[str, str] | None = None, log=None, timeout_s: float = 600,
                  profile: str | None = None, py_spy: str = "py-spy") -> None:
@@ -49,7 +49,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "nanovllm.serve", model, "--port", str(self.port), *flags]
         if profile is not None:
-            command = [py_spy, "record", "--subprocesses", "--format", "raw", "--rate", "100", "--output", profile, "--", *command]
+            command = [py_spy, "record", "--subprocesses", "--nonblocking", "--format", "raw", "--rate", "100", "--output", profile, "--", *command]
         self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
         self.server_pid = self.process.pid
         deadline = time.monotonic() + timeout_s

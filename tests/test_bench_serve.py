@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
+
+import pytest
 
 from benchmarks.server import REPO, free_port
 
@@ -19,6 +22,14 @@ def test_bench_serve_smoke_on_cpu() -> None:
     assert figures["output_tok_per_s"] > 0 and 0 < figures["ttft_ms_p50"] <= figures["ttft_ms_p99"]
 
 
+def _ptrace_scope() -> int:
+    try:
+        return int(pathlib.Path("/proc/sys/kernel/yama/ptrace_scope").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.mark.skipif(_ptrace_scope() >= 2, reason="py-spy may not read even its own child processes here (kernel.yama.ptrace_scope >= 2)")
 def test_profile_server_records_both_server_processes(tmp_path) -> None:
     profile = tmp_path / "serve.txt"
     command = [sys.executable, "bench_serve.py", "--preset", "tiny", "--num-seqs", "2", "--max-output-len", "4",
