@@ -53,17 +53,17 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status == SequenceStatus.FINISHED
+        return self.status is SequenceStatus.FINISHED
 
     @property
     def num_completion_tokens(self) -> int:
         """Generated tokens, pending ones included (what scheduling and sampling limits count)."""
-        return self.num_tokens - self.num_prompt_tokens
+        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def num_output_tokens(self) -> int:
         """Generated tokens whose values are known on the host."""
-        return self.num_completion_tokens - self.num_pending_tokens
+        return len(self.token_ids) - self.num_prompt_tokens - self.num_pending_tokens
 
     @property
     def computes_prompt_logprobs(self) -> bool:
