@@ -13,6 +13,7 @@ from serving import REPO
 
 sys.path.insert(0, str(REPO))
 from benchmarks import kernel_sweep  # noqa: E402
+from benchmarks.kernel_cases import Case, Dims, VarlenConfig  # noqa: E402
 
 
 def test_smoke_run_checks_every_config_and_prints_the_summary() -> None:
@@ -29,15 +30,15 @@ def test_smoke_run_checks_every_config_and_prints_the_summary() -> None:
 
 
 @pytest.fixture
-def case() -> kernel_sweep.Case:
-    case = kernel_sweep.Case("varlen", "chunk", [5, 3], [5, 9])
-    case.build(kernel_sweep.Dims(4, 2, 16, 4, 16, torch.float32), torch.device("cpu"), 1, seed=0)
-    case.default = kernel_sweep.VarlenConfig(16, 16, 4, 1, None)
+def case() -> Case:
+    case = Case("varlen", "chunk", [5, 3], [5, 9])
+    case.build(Dims(4, 2, 16, 4, 16, torch.float32), torch.device("cpu"), 1, seed=0)
+    case.default = VarlenConfig(16, 16, 4, 1, None)
     return case
 
 
-def _run(case: kernel_sweep.Case, launch, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> str:
-    monkeypatch.setattr(kernel_sweep.Case, "launch", launch)
+def _run(case: Case, launch, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> str:
+    monkeypatch.setattr(Case, "launch", launch)
     kernel_sweep.run_config(case, case.default, case.reference(), torch.device("cpu"), {})
     return capsys.readouterr().out
 
