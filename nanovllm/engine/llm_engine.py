@@ -127,8 +127,14 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer; this LLM was created with skip_tokenizer_init=True (use stop_token_ids)")
         return params
 
-    def _validate(self, prompts: object, sampling_params: object) -> list[tuple[Prompt, list[int], SamplingParams]]:
-        """Tokenize and check every request before any is queued, so a bad one leaves the engine untouched."""
+    def validate(self, prompts: object, sampling_params: object) -> list[tuple[Prompt, list[int], SamplingParams]]:
+        """Tokenize and check every request without queueing any, so a bad one leaves the engine untouched.
+
+        `sampling_params`: one SamplingParams for all prompts, a list of one per prompt, or None (the
+        checkpoint's defaults). Returns (prompt, token ids, params) per prompt, in order. Raises TypeError
+        for a prompt or params of the wrong type, ValueError for a bad value (e.g. an empty prompt, a token id or
+        logprobs count outside the vocabulary, a prompt not shorter than max_model_len, stop strings without
+        a tokenizer, a params list of another length), RuntimeError once the engine has been shut down."""
         self._check_open()
         if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
             raise TypeError(f"prompts must be a list of str or a list of token-id lists, got {type(prompts).__name__}")
@@ -173,7 +179,7 @@ class LLMEngine:
         """Validate, tokenize and queue one request; returns its first sequence (`seq.request_id` names
         the request; `stream=True` makes every step emit a chunk for it, else only its end does)."""
         with self._lock:
-            [(prompt, token_ids, params)] = self._validate([prompt], sampling_params)
+            [(prompt, token_ids, params)] = self.validate([prompt], sampling_params)
             return self._enqueue(prompt, token_ids, params, index, stream).completions[0].seq
 
     def abort(self, request: str | Sequence) -> None:
@@ -329,7 +335,7 @@ class LLMEngine:
     def _add_all(self, prompts: SequenceType[Prompt], sampling_params: SamplingParams | SequenceType[SamplingParams] | None, stream: bool) -> list[Request]:
         """Validate every request, then queue them all."""
         with self._lock:
-            requests, outbox = self._validate(prompts, sampling_params), deque()
+            requests, outbox = self.validate(prompts, sampling_params), deque()
             return [self._enqueue(prompt, token_ids, params, i, stream, outbox) for i, (prompt, token_ids, params) in enumerate(requests)]
 
     def _step_and_route(self) -> tuple[int, int, float]:
@@ -403,7 +409,7 @@ class LLMEngine:
         iterator early aborts the unfinished requests. Other streams and generate calls may run
         meanwhile: each gets exactly its own chunks.
         """
-        return self._stream(self._validate(prompts, sampling_params))
+        return self._stream(self.validate(prompts, sampling_params))
 
     def _stream(self, validated: list[tuple[Prompt, list[int], SamplingParams]]) -> Iterator[StreamChunk]:
         """Queue validated requests when first iterated."""

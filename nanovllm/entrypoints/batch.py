@@ -111,7 +111,7 @@ def run_rows(llm: LLM, rows: list[Row]) -> list[dict]:
             errors[row.row] = row.error
             continue
         try:
-            checked = llm._validate([row.prompt], replace(llm.default_sampling_params, **row.sampling))
+            checked = llm.validate([row.prompt], replace(llm.default_sampling_params, **row.sampling))
         except (TypeError, ValueError) as exc:
             errors[row.row] = str(exc)
             continue
