@@ -49,7 +49,7 @@ def tokenize(tokenizer: PreTrainedTokenizerBase | None, prompt: object, vocab_si
         raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
     if not prompt:
         raise ValueError("prompt is an empty list of token ids")
-    if all(type(token_id) is int for token_id in prompt) and 0 <= min(prompt) and max(prompt) < vocab_size:
+    if set(map(type, prompt)) == {int} and 0 <= min(prompt) and max(prompt) < vocab_size:
         return list(prompt)  # the common case at C speed (the server admits hundreds of long prompts at once)
     for token_id in prompt:
         if isinstance(token_id, bool) or not isinstance(token_id, Integral):

@@ -5,9 +5,9 @@ asks for behaviour the engine lacks (echo, suffix) is refused with a 400 rather 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, WrapValidator
 
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.validation import token_id_keys
@@ -99,8 +99,16 @@ class SamplingRequest(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+def _token_ids_at_once(value: Any, validate: Any) -> Any:
+    """A list of plain ints is a token-id prompt, as the union would find after trying (and failing)
+    every other member id by id; anything else goes through the union (its errors included)."""
+    if type(value) is list and set(map(type, value)) == {int}:
+        return value
+    return validate(value)
+
+
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Annotated[str | list[str] | list[int] | list[list[int]], WrapValidator(_token_ids_at_once)]
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
