@@ -1,7 +1,13 @@
-"""The fused sampling kernel (nanovllm.kernels.sampling) against a PyTorch reference and against the
-distribution it must draw from. Tests take the device from the `device` fixture, so they can also be
-called directly with CPU tensors under TRITON_INTERPRET=1."""
+"""The fused sampling kernel (nanovllm.kernels.sampling) against a PyTorch reference, against itself with
+other chunkings of the vocabulary, and against the distribution it must draw from. Tests take the device
+from the `device` fixture, so they can also be called directly with CPU tensors under TRITON_INTERPRET=1
+(the last test does that for the chunking tests, so they also run without a GPU)."""
 from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +15,7 @@ from test_sampling import LOGITS, chi2, chi2_bound, probs_of
 
 from nanovllm.layers.sampler import Sampler, SamplingTensors, seeded_exponentials
 
-pytestmark = pytest.mark.cuda
+cuda = pytest.mark.cuda
 
 
 @pytest.fixture
@@ -28,6 +34,7 @@ def reference(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> tu
     return scores.argmax(-1), top2[:, 0] - top2[:, 1]
 
 
+@cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("vocab_size", [1000, 4096, 151936])
 def test_matches_reference(dtype: torch.dtype, vocab_size: int, device: torch.device) -> None:
@@ -37,7 +44,7 @@ def test_matches_reference(dtype: torch.dtype, vocab_size: int, device: torch.de
     rows = 48
     logits = (torch.randn(rows, vocab_size, device=device) * 4).to(dtype)
     temperatures = torch.tensor([0.0, 0.3, 1.0, 1.7] * (rows // 4), device=device)
-    # A greedy tie, also between two blocks' same lane (the kernel reads 4096 tokens a block): the first index wins.
+    # A greedy tie, also between two blocks' same lane (4096 tokens is two blocks): the first index wins.
     tied = [7, vocab_size - 3] + ([7 + 4096] if vocab_size > 4096 + 7 else [])
     logits[0, tied] = logits[0].max() + 1
     logits[4, :] = float("-inf")  # everything banned: index 0, like torch.argmax
@@ -53,6 +60,74 @@ def test_matches_reference(dtype: torch.dtype, vocab_size: int, device: torch.de
     assert (tokens == expected).float().mean() > 0.9
 
 
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_chunking_picks_the_same_tokens(dtype: torch.dtype, device: torch.device) -> None:
+    """Chunks of 1, 2, 4 blocks and one chunk per row give the same tokens, greedy and sampled rows mixed, with a
+    ragged last chunk and ties across chunk boundaries (the lowest index wins)."""
+    from nanovllm.kernels.sampling import _BLOCK, _sample_chunked
+
+    block, rows, seed = _BLOCK, 24, 777
+    vocab_size = 5 * block + 123
+    torch.manual_seed(1)
+    logits = (torch.randn(rows, vocab_size, device=device) * 4).to(dtype)
+    temperatures = torch.tensor([0.0, 0.6, 1.0, 0.0, 1.7, 0.6] * (rows // 6), device=device)
+    assert temperatures[[0, 3, 9, 12]].eq(0).all() and temperatures[[1, 7]].gt(0).all()
+    top = logits.max() + 1
+    logits[0, [block - 1, block, 3 * block + 5, vocab_size - 1]] = top  # either side of the first boundary
+    logits[3, [4 * block + 17, 2 * block + 1, vocab_size - 1]] = top  # the later chunks, the ragged one among them
+    logits[9, vocab_size - 1] = top  # the best token is the last one, in the ragged chunk
+    logits[12] = float("-inf")  # nothing allowed: index 0, like torch.argmax
+    logits[1, [4 * block, 2 * block - 1]] = float("inf")  # a sampled row's tie: both score +inf
+    logits[7, [block + 3, 5 * block + 1]] = float("inf")
+    one_chunk = _sample_chunked(logits, temperatures, seed, 6 * block)
+    for blocks_per_chunk in (1, 2, 4):
+        tokens = _sample_chunked(logits, temperatures, seed, blocks_per_chunk * block)
+        assert torch.equal(tokens, one_chunk), (blocks_per_chunk, tokens, one_chunk)
+    assert one_chunk[[0, 3, 9, 12, 1, 7]].tolist() == [block - 1, 2 * block + 1, vocab_size - 1, 0, 2 * block - 1, block + 3]
+    greedy = temperatures == 0
+    assert torch.equal(one_chunk[greedy], logits[greedy].argmax(-1))
+    expected, gap = reference(logits, temperatures, seed)
+    differ = (one_chunk != expected) & (gap > 1e-4)
+    assert not differ.any(), (one_chunk[differ], expected[differ])
+
+
+@cuda
+def test_sample_splits_rows_by_the_batch_and_the_device(device: torch.device) -> None:
+    """The public entry point: one block per program for a lone row, longer chunks for more rows, at least 4
+    programs per SM at 256 rows (Qwen3's vocabulary); its tokens are those of one chunk per row."""
+    from nanovllm.kernels.attention_common import sm_count
+    from nanovllm.kernels.sampling import _BLOCK, _chunk_size, _sample_chunked, sample
+
+    sizes = [_chunk_size(rows, 151936, device) for rows in (1, 8, 64, 256, 512, 4096)]
+    assert sizes[0] == _BLOCK and sizes == sorted(sizes) and all(size % _BLOCK == 0 for size in sizes)
+    assert 256 * -(-151936 // sizes[3]) >= 4 * sm_count(device)
+    rows, vocab_size, seed = 6, 3 * _BLOCK + 7, 31
+    assert _chunk_size(rows, vocab_size, device) < vocab_size
+    torch.manual_seed(2)
+    logits = torch.randn(rows, vocab_size, device=device) * 4
+    logits[0, [_BLOCK - 5, 2 * _BLOCK + 3]] = logits[0].max() + 1
+    temperatures = torch.tensor([0.0, 0.6, 1.0, 0.0, 0.6, 1.0], device=device)
+    tokens = sample(logits, temperatures, seed)
+    assert tokens[0] == _BLOCK - 5
+    assert torch.equal(tokens, _sample_chunked(logits, temperatures, seed, 4 * _BLOCK))
+
+
+def test_the_chunking_tests_pass_in_the_triton_interpreter() -> None:
+    """The reference test (small vocabularies) and the two chunking tests on CPU tensors through Triton's
+    interpreter (fp32 and fp16: it cannot load bf16), so the split and the reduction are checked without a GPU."""
+    pytest.importorskip("triton")
+    tests = pathlib.Path(__file__).parent
+    code = ("import torch, test_sampling_kernel as t; cpu = torch.device('cpu')\n"
+            "for vocab_size in (1000, 4096): t.test_matches_reference(torch.float32, vocab_size, cpu)\n"
+            "for dtype in (torch.float32, torch.float16): t.test_every_chunking_picks_the_same_tokens(dtype, cpu)\n"
+            "t.test_sample_splits_rows_by_the_batch_and_the_device(cpu)")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tests.parent}{os.pathsep}{tests}"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tests.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@cuda
 def test_noise_changes_with_the_seed_and_the_row(device: torch.device) -> None:
     from nanovllm.kernels.sampling import sample
 
@@ -62,6 +137,7 @@ def test_noise_changes_with_the_seed_and_the_row(device: torch.device) -> None:
     assert len(set(first.tolist())) > 50 and (first != second).sum() > 50
 
 
+@cuda
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_frequencies_match_probabilities(temperature: float, device: torch.device) -> None:
     from nanovllm.kernels.sampling import sample
@@ -73,6 +149,7 @@ def test_frequencies_match_probabilities(temperature: float, device: torch.devic
     assert stat < chi2_bound(df), stat
 
 
+@cuda
 def test_frequencies_on_a_large_vocabulary(device: torch.device) -> None:
     """LOGITS spread over a 151936-token vocabulary, every other token impossible: all blocks are read."""
     from nanovllm.kernels.sampling import sample
@@ -85,6 +162,7 @@ def test_frequencies_on_a_large_vocabulary(device: torch.device) -> None:
     assert stat < chi2_bound(df), stat
 
 
+@cuda
 def test_sampler_uses_the_kernel_and_honours_banned_tokens(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
     from nanovllm.kernels import sampling
 

@@ -4,15 +4,26 @@ For a row with temperature T > 0 the token is ``argmax(logits / T - log E)`` wit
 which draws from ``softmax(logits / T)`` (the exponential race of ``nanovllm.layers.sampler``
 in the log domain: no softmax pass is needed). A row with T = 0 takes the exact argmax of its
 logits, the first index on ties, like ``torch.argmax``. The noise is the counter-based hash of
-``nanovllm.layers.sampler.seeded_exponentials`` keyed by (step seed, row): one step's rows are
-independent, and a new step seed gives new noise. One program per row reads the logits once.
+``nanovllm.layers.sampler.seeded_exponentials`` keyed by (step seed, row, token id): one step's
+rows are independent, a new step seed gives new noise, and how the vocabulary is split among
+programs does not change it.
+
+The work is hashing and logs, not bytes, so one program per row would leave most of the GPU idle
+at decode batch sizes. Each row's vocabulary is split into chunks whose count depends only on the
+batch size, the vocabulary size and the SM count (so the launch is CUDA-graph capturable): a first
+kernel writes each chunk's best (score, index), a second picks per row the highest score at the
+lowest index. The logits are read once.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-_BLOCK = 4096
+from nanovllm.kernels.attention_common import sm_count
+
+_BLOCK = 2048
+_NUM_WARPS = 4
+_PROGRAMS_PER_SM = 8
 
 
 @triton.jit
@@ -27,24 +38,31 @@ def _mix32(x):
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _sample_kernel(logits_ptr, temperatures_ptr, out_ptr, seed, logits_stride, vocab_size, BLOCK: tl.constexpr):
-    """Grid: (B,). logits: [B, vocab_size] rows with stride logits_stride; temperatures fp32 [B]; out int64 [B].
+def _chunk_best_kernel(logits_ptr, temperatures_ptr, best_score_ptr, best_index_ptr, seed, logits_stride, vocab_size,
+                       chunk_size, num_chunks, BLOCK: tl.constexpr):
+    """Grid: (B, num_chunks). logits: [B, vocab_size] rows with stride logits_stride; temperatures fp32 [B];
+    best_score fp32 and best_index int32 [B, num_chunks]. Program (row, c) reads tokens
+    [c * chunk_size, min((c + 1) * chunk_size, vocab_size)); chunk_size is a multiple of BLOCK.
 
     Each lane keeps its best (score, index) over the blocks (strict `>`, so its earliest index
-    wins a tie); the lanes are then reduced to the highest score at the lowest index.
+    wins a tie); the lanes are then reduced to the highest score at the lowest index. A chunk
+    with no score above -inf (all -inf or NaN) reports (-inf, 0).
     """
     row = tl.program_id(0)
+    chunk = tl.program_id(1)
     temperature = tl.load(temperatures_ptr + row)
     greedy = temperature == 0.0
     divisor = tl.where(greedy, 1.0, temperature)
     key = _mix32(_mix32(seed.to(tl.uint32)))
     key = _mix32(key + row.to(tl.uint32) * 0x9E3779B9)
     base = logits_ptr + row.to(tl.int64) * logits_stride
+    chunk_start = chunk * chunk_size
+    chunk_end = tl.minimum(chunk_start + chunk_size, vocab_size)
     best_score = tl.full([BLOCK], float("-inf"), tl.float32)
     best_index = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, vocab_size, BLOCK):
+    for start in range(chunk_start, chunk_end, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        logits = tl.load(base + offs, mask=offs < vocab_size, other=float("-inf")).to(tl.float32)
+        logits = tl.load(base + offs, mask=offs < chunk_end, other=float("-inf")).to(tl.float32)
         bits = _mix32(key ^ (offs.to(tl.uint32) * 0x85EBCA6B))
         uniform = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
         noisy = tl.math.div_rn(logits, divisor) - tl.log(-tl.log(uniform))
@@ -54,7 +72,45 @@ def _sample_kernel(logits_ptr, temperatures_ptr, out_ptr, seed, logits_stride, v
         best_index = tl.where(better, offs, best_index)
     top = tl.max(best_score, axis=0)
     index = tl.min(tl.where(best_score == top, best_index, vocab_size), axis=0)
+    tl.store(best_score_ptr + row * num_chunks + chunk, top)
+    tl.store(best_index_ptr + row * num_chunks + chunk, index)
+
+
+@triton.jit
+def _pick_kernel(best_score_ptr, best_index_ptr, out_ptr, num_chunks, CHUNKS: tl.constexpr):
+    """Grid: (B,). best_score fp32 and best_index int32 [B, num_chunks] -> out int64 [B]: per row the
+    highest chunk score at the lowest index (CHUNKS: num_chunks rounded up to a power of two)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, CHUNKS)
+    mask = offs < num_chunks
+    scores = tl.load(best_score_ptr + row * num_chunks + offs, mask=mask, other=float("-inf"))
+    indices = tl.load(best_index_ptr + row * num_chunks + offs, mask=mask, other=0)
+    top = tl.max(scores, axis=0)
+    index = tl.min(tl.where(scores == top, indices, 2**31 - 1), axis=0)
     tl.store(out_ptr + row, index.to(tl.int64))
+
+
+def _chunk_size(num_rows: int, vocab_size: int, device: torch.device) -> int:
+    """Tokens per program: whole blocks, as few as give about _PROGRAMS_PER_SM programs per SM over the
+    batch (at most one block per program). Depends on static facts only."""
+    blocks = max(1, triton.cdiv(vocab_size, _BLOCK))
+    chunks = min(blocks, triton.cdiv(_PROGRAMS_PER_SM * sm_count(device), num_rows))
+    return triton.cdiv(blocks, chunks) * _BLOCK
+
+
+def _sample_chunked(logits: torch.Tensor, temperatures: torch.Tensor, seed: int, chunk_size: int) -> torch.Tensor:
+    """`sample` with each row split into chunks of chunk_size tokens (a multiple of _BLOCK); the tokens do
+    not depend on chunk_size."""
+    num_rows, vocab_size = logits.shape
+    out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+    if num_rows:
+        num_chunks = max(1, triton.cdiv(vocab_size, chunk_size))
+        best_score = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=logits.device)
+        best_index = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=logits.device)
+        _chunk_best_kernel[(num_rows, num_chunks)](logits, temperatures, best_score, best_index, seed, logits.stride(0),
+                                                   vocab_size, chunk_size, num_chunks, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+        _pick_kernel[(num_rows,)](best_score, best_index, out, num_chunks, CHUNKS=triton.next_power_of_2(num_chunks), num_warps=1)
+    return out
 
 
 def sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch.Tensor:
@@ -65,7 +121,4 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch
     if logits.stride(1) != 1:
         raise ValueError(f"logits need unit stride along the vocabulary, got strides {logits.stride()}")
     num_rows, vocab_size = logits.shape
-    out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
-    if num_rows:
-        _sample_kernel[(num_rows,)](logits, temperatures, out, seed, logits.stride(0), vocab_size, BLOCK=_BLOCK, num_warps=8)
-    return out
+    return _sample_chunked(logits, temperatures, seed, _chunk_size(max(num_rows, 1), vocab_size, logits.device))

@@ -5,7 +5,8 @@ All rows are processed together on the device; greedy rows take the exact argmax
 logits. Random rows use the exponential race (argmax of p / E, E ~ Exp(1)), which draws from p.
 Rows with a seed take E from a counter-based hash of (seed, position, token id), so their draws
 do not depend on what else is in the batch. On CUDA, a batch without filters, seeds, penalties or
-biases (the usual case) is sampled by one fused kernel (`nanovllm.kernels.sampling`) instead of six passes.
+biases (the usual case) is sampled by `nanovllm.kernels.sampling` (one fused pass over the logits and a tiny
+per-row reduction) instead of six passes.
 """
 from __future__ import annotations
 
