@@ -136,6 +136,7 @@ class ModelRunner:
                 self.graph_runner = GraphRunner(
                     self.model, self.backend, config.max_num_seqs, config.max_num_batched_tokens, self.max_blocks_per_seq,
                     config.max_model_len, hf.hidden_size, self.dtype, self.device,
+                    vocab_size=self.vocab_size if self.group.size == 1 else None,
                 )
                 self.graph_runner.capture()
         self.info = RuntimeInfo(self.device, self.dtype, self.kv_cache.shape[2], self.backend.name, self.graph_runner is not None, self.overlap)
@@ -231,7 +232,12 @@ class ModelRunner:
             else:
                 input_ids[pending_rows] = self.last_sampled[pending_src]
         if shape:
-            hidden = self.graph_runner.replay(shape, inputs, input_ids, positions)
+            hidden, logits = self.graph_runner.replay(shape, inputs, input_ids, positions)
+            if logits is not None:
+                num_sampled = len(inputs.logits_indices)
+                if num_sampled == len(logits_indices):
+                    return logits
+                return torch.cat([logits, self.model.compute_logits(hidden, logits_indices[num_sampled:])])
         else:
             cu_seqlens_q, seq_lens, slot_mapping, block_tables = metadata
             # max_seqlen_q is the token count, as in the graphs: kernel tiles then depend on the step's size

@@ -42,8 +42,16 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits for the last new token of each sequence that samples this step."""
 
-    def forward(self, x: torch.Tensor, logits_indices: torch.Tensor) -> torch.Tensor | None:
-        logits = F.linear(x[logits_indices], self.weight)
+    def forward(self, x: torch.Tensor, logits_indices: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Logits of the rows `logits_indices` of x (every row when None); with `out` (one rank only) they are
+        written there, e.g. into a CUDA graph's static buffer."""
+        if logits_indices is not None:
+            x = x[logits_indices]
+        if out is not None:
+            if self.tp_size != 1:
+                raise ValueError(f"lm_head(out=...) needs one rank, got tensor parallel size {self.tp_size}")
+            return torch.mm(x, self.weight.t(), out=out)
+        logits = F.linear(x, self.weight)
         if self.tp_size == 1:
             return logits
         return self.group.gather(logits)

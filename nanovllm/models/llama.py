@@ -161,8 +161,9 @@ class DecoderForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden_states: torch.Tensor, logits_indices: torch.Tensor) -> torch.Tensor | None:
-        return self.lm_head(hidden_states, logits_indices)
+    def compute_logits(self, hidden_states: torch.Tensor, logits_indices: torch.Tensor | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor | None:
+        return self.lm_head(hidden_states, logits_indices, out)
 
 
 class LlamaForCausalLM(DecoderForCausalLM):
