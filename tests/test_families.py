@@ -124,4 +124,13 @@ def test_bf16_on_cuda_follows_the_fp32_reference(preset, tmp_path):
     finally:
         llm.exit()
     hf = HFOracle(path)
-    assert [o["token_ids"] for o in outputs] == [hf.greedy(p, 8, ignore_eos=True) for p in prompts]
+    # Compared through the first EOS: each line was trained to end there, and past it (ignore_eos) the model is
+    # untrained and its near-tied logits flip under bf16 rounding (measured on the H200: a prompt whose line ended
+    # at once gave EOS, EOS in both, then EOS again here and token 1043 in HF fp32).
+    assert [through_eos(o["token_ids"]) for o in outputs] == [through_eos(hf.greedy(p, 8, ignore_eos=True)) for p in prompts]
+
+
+def through_eos(tokens: list[int]) -> list[int]:
+    from nanovllm.testing import EOS_TOKEN_ID
+
+    return tokens[: tokens.index(EOS_TOKEN_ID) + 1] if EOS_TOKEN_ID in tokens else tokens

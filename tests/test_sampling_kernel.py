@@ -113,6 +113,27 @@ def test_sample_splits_rows_by_the_batch_and_the_device(device: torch.device) ->
     assert torch.equal(tokens, _sample_chunked(logits, temperatures, seed, 4 * _BLOCK))
 
 
+@cuda
+def test_one_compiled_variant_serves_every_batch_size(device: torch.device) -> None:
+    """After the engine's warm-up call (2 rows), sampling any batch of the same vocabulary compiles nothing:
+    a variant compiled at first use would stall a user's generate mid-run."""
+    from nanovllm.kernels import sampling
+
+    vocab_size = 151936
+    kernels = (sampling._chunk_best_kernel, sampling._pick_kernel)
+
+    def compiled() -> int:
+        return sum(len(caches[0]) for kernel in kernels for caches in kernel.device_caches.values())
+
+    logits = torch.randn(512, vocab_size, device=device).to(torch.bfloat16)
+    sampling.sample(logits[:2], torch.tensor([0.0, 1.0], device=device), 0)
+    before = compiled()
+    for rows in (1, 3, 8, 17, 64, 100, 256, 333, 512):
+        sampling.sample(logits[:rows], torch.full((rows,), 0.6, device=device), rows)
+    torch.cuda.synchronize()
+    assert before > 0 and compiled() == before
+
+
 def test_the_chunking_tests_pass_in_the_triton_interpreter() -> None:
     """The reference test (small vocabularies) and the two chunking tests on CPU tensors through Triton's
     interpreter (fp32 and fp16: it cannot load bf16), so the split and the reduction are checked without a GPU."""

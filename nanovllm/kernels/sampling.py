@@ -40,7 +40,7 @@ def _mix32(x):
     return x
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "chunk_size", "num_chunks"])
 def _chunk_best_kernel(logits_ptr, temperatures_ptr, best_score_ptr, best_index_ptr, seed, logits_stride, vocab_size,
                        chunk_size, num_chunks, BLOCK: tl.constexpr):
     """Grid: (B, num_chunks). logits: [B, vocab_size] rows with stride logits_stride; temperatures fp32 [B];
@@ -79,10 +79,10 @@ def _chunk_best_kernel(logits_ptr, temperatures_ptr, best_score_ptr, best_index_
     tl.store(best_index_ptr + row * num_chunks + chunk, index)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks"])
 def _pick_kernel(best_score_ptr, best_index_ptr, out_ptr, num_chunks, CHUNKS: tl.constexpr):
     """Grid: (B,). best_score fp32 and best_index int32 [B, num_chunks] -> out int64 [B]: per row the
-    highest chunk score at the lowest index (CHUNKS: num_chunks rounded up to a power of two)."""
+    highest chunk score at the lowest index (CHUNKS: a power of two >= any num_chunks of the vocabulary)."""
     row = tl.program_id(0)
     offs = tl.arange(0, CHUNKS)
     mask = offs < num_chunks
@@ -103,7 +103,10 @@ def _chunk_size(num_rows: int, vocab_size: int, device: torch.device) -> int:
 
 def _sample_chunked(logits: torch.Tensor, temperatures: torch.Tensor, seed: int, chunk_size: int) -> torch.Tensor:
     """`sample` with each row split into chunks of chunk_size tokens (a multiple of _BLOCK); the tokens do
-    not depend on chunk_size."""
+    not depend on chunk_size. One compiled variant of each kernel serves every batch size of a vocabulary
+    (the chunk counts are not specialised on, the merge's width depends on the vocabulary only), so the
+    start-up warm-up compiles all a run uses. (Before, the merge compiled a variant per power of two of the
+    chunk count, at first use: mid-run, inside a user's generate.)"""
     num_rows, vocab_size = logits.shape
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows:
@@ -112,7 +115,8 @@ def _sample_chunked(logits: torch.Tensor, temperatures: torch.Tensor, seed: int,
         best_index = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=logits.device)
         _chunk_best_kernel[(num_rows, num_chunks)](logits, temperatures, best_score, best_index, seed, logits.stride(0),
                                                    vocab_size, chunk_size, num_chunks, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
-        _pick_kernel[(num_rows,)](best_score, best_index, out, num_chunks, CHUNKS=triton.next_power_of_2(num_chunks), num_warps=1)
+        max_chunks = triton.cdiv(vocab_size, _BLOCK)
+        _pick_kernel[(num_rows,)](best_score, best_index, out, num_chunks, CHUNKS=triton.next_power_of_2(max_chunks), num_warps=1)
     return out
 
 
