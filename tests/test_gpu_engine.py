@@ -69,6 +69,37 @@ def test_cuda_graphs_equal_eager_and_prefix_hits(tiny_model, prompts, policy):
     eager.exit()
 
 
+def compiled_triton_variants() -> int:
+    """Kernel variants Triton has compiled (or loaded) in this process, over every kernel of nanovllm.kernels."""
+    import importlib
+    import pkgutil
+
+    import triton
+
+    from nanovllm import kernels
+
+    total = 0
+    for info in pkgutil.iter_modules(kernels.__path__):
+        for obj in vars(importlib.import_module(f"nanovllm.kernels.{info.name}")).values():
+            if isinstance(obj, triton.runtime.jit.JITFunction):
+                total += sum(len(caches[0]) for caches in obj.device_caches.values())
+    return total
+
+
+def test_no_kernel_compiles_after_start_up(tiny_model, vocab_ids):
+    """Start-up compiles every kernel variant a run uses, so no user's generate stalls on a compile: a varied
+    run (prompts of 1-300 tokens, 1 to 48 sequences a step, sampled and greedy rows, chunked prefills, then a
+    lone request) adds none. (A sampler variant per power of two of its chunk count once compiled mid-run.)"""
+    llm = cuda_llm(tiny_model, dtype="bfloat16", attention_backend="triton")
+    before = compiled_triton_variants()
+    prompts = random_prompts(48, 1, 300, vocab_ids, seed=5)
+    params = [SamplingParams(temperature=0.6 if i % 2 else 0.0, max_tokens=1 + (7 * i) % 40, ignore_eos=True) for i in range(48)]
+    llm.generate(prompts, params, use_tqdm=False)
+    llm.generate(prompts[:1], GREEDY, use_tqdm=False)
+    assert before > 0 and compiled_triton_variants() == before
+    llm.exit()
+
+
 def test_auto_backend_on_fp32_is_triton(tiny_model):
     """flash-attn runs fp16/bf16 only: "auto" must not pick it for an fp32 model, installed or not."""
     llm = cuda_llm(tiny_model, enforce_eager=True)
