@@ -104,6 +104,7 @@ class Scheduler:
         # The hot loop of every step (up to max_num_seqs sequences): sequence properties read inline.
         budget = self.max_num_batched_tokens - batch.num_tokens
         bm, seqs, num_new_tokens = self.block_manager, batch.seqs, batch.num_new_tokens
+        block_size = bm.block_size
         i = 0
         while i < len(self.running) and budget > 0 and len(seqs) < self.max_num_seqs:
             seq = self.running[i]
@@ -111,8 +112,10 @@ class Scheduler:
             if num_tokens - seq.num_prompt_tokens >= seq.sampling_params.max_tokens or num_tokens >= self.max_model_len:
                 i += 1  # at max_tokens or max_model_len: its pending token ends it; nothing more to compute
                 continue
-            num_new = min(num_tokens - seq.num_computed_tokens, budget)
-            if not bm.may_append(seq, num_new):
+            num_computed = seq.num_computed_tokens
+            num_new = min(num_tokens - num_computed, budget)
+            # Most steps a sequence's blocks already cover its new tokens: only then is may_append skipped.
+            if -(-(num_computed + num_new) // block_size) > len(seq.block_table) and not bm.may_append(seq, num_new):
                 if not self._make_room(seq, num_new):
                     break  # seq itself was preempted
                 bm.may_append(seq, num_new)
@@ -168,14 +171,16 @@ class Scheduler:
         finished while the step was in flight are skipped. Returns those that got a new token.
         """
         advanced = []
-        commit_computed = self.block_manager.commit_computed
+        bm = self.block_manager
+        commit_computed, block_size = (bm.commit_computed if bm.enable_prefix_caching else None), bm.block_size
         for seq, token_id in zip(batch.seqs, sampled):
             if seq.status is SequenceStatus.FINISHED:  # seq.is_finished, inline (hot)
                 continue
             if token_id is not None:
                 seq.token_ids[len(seq.token_ids) - seq.num_pending_tokens] = token_id
                 seq.num_pending_tokens -= 1
-            commit_computed(seq)
+            if commit_computed is not None and seq.num_computed_tokens // block_size > len(seq.block_hashes):
+                commit_computed(seq)  # a block became full (the check is commit_computed's own, inline: hot)
             if token_id is None:
                 continue
             advanced.append(seq)
