@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from types import MappingProxyType
 
 from nanovllm.utils.validation import require_bool, require_int, require_number, require_text
@@ -116,3 +117,16 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @cached_property
+    def sampling_temperature(self) -> float:
+        """The temperature a sampler row gets: 0.0 when greedy. Computed once (the engine reads it for every
+        row of every step whose rows changed)."""
+        return 0.0 if self.greedy else self.temperature
+
+    @cached_property
+    def temperature_only(self) -> bool:
+        """Whether sampling needs nothing but the temperature: no filter, seed, penalty, bias, min_tokens or
+        logprobs. Computed once, as `sampling_temperature`."""
+        return not (self.top_k > 0 or self.top_p < 1 or self.min_p > 0 or self.seed is not None or self.has_penalties
+                    or self.min_tokens > 0 or self.logit_bias or self.logprobs is not None)

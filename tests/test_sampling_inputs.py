@@ -107,3 +107,20 @@ def test_every_step_equals_a_fresh_build():
         for s in rows:
             s.token_ids.append(rng.randrange(3, VOCAB))
         assert as_values(build(cached, rows)) == as_values(build(SamplingInputs(VOCAB, torch.from_numpy), rows)), f"step {step}"
+
+
+def test_temperature_only_rows_build_temperatures_alone():
+    """Rows that need only a temperature (one pass over the rows) get their temperatures (0 for greedy, i.e. 0 and
+    below 1e-5), the greedy flags, and nothing else; any other option sends a row down the general build."""
+    for temperatures in ([0.0, 1e-6], [0.7, 1.3], [0.0, 0.6, 1e-6, 2.0]):
+        seqs = [seq(SamplingParams(temperature=t, max_tokens=5)) for t in temperatures]
+        assert all(s.sampling_params.temperature_only for s in seqs)
+        built = as_values(SamplingInputs(VOCAB, CountingCopies()).build(seqs, EOS, torch.zeros(0, dtype=torch.int64), []))
+        greedy = [t < 1e-5 for t in temperatures]
+        expected = as_values(SamplingTensors(torch.tensor([0.0 if g else t for g, t in zip(greedy, temperatures)]),
+                                             all_greedy=all(greedy), any_greedy=any(greedy)))
+        assert built == expected
+    for option in (dict(top_k=3), dict(top_p=0.5), dict(min_p=0.1), dict(seed=1), dict(temperature=0.0, seed=1),
+                   dict(presence_penalty=0.5), dict(frequency_penalty=-0.5), dict(repetition_penalty=1.2), dict(min_tokens=2),
+                   dict(logit_bias={3: 1.0}), dict(logprobs=0)):
+        assert not SamplingParams(**{"temperature": 0.8, **option}).temperature_only, option

@@ -77,10 +77,14 @@ class SamplingInputs:
         if rows != self._rows:
             params = [s.sampling_params for s in seqs]
             self._rows = rows
-            self._seeded = [i for i, p in enumerate(params) if p.seed is not None and not p.greedy]
-            self._min_tokens_rows = [i for i, p in enumerate(params) if p.min_tokens > 0]
-            self._penalised = any(p.has_penalties for p in params)
-            self._fixed = self._fixed_tensors(seqs, params)
+            if all(p.temperature_only for p in params):  # the usual batch: one pass instead of a dozen
+                self._seeded, self._min_tokens_rows, self._penalised = [], [], False
+                self._fixed = self._temperature_tensors([p.sampling_temperature for p in params])
+            else:
+                self._seeded = [i for i, p in enumerate(params) if p.seed is not None and not p.greedy]
+                self._min_tokens_rows = [i for i, p in enumerate(params) if p.min_tokens > 0]
+                self._penalised = any(p.has_penalties for p in params)
+                self._fixed = self._fixed_tensors(seqs, params)
         moving = {}
         if self._seeded:
             moving["positions"] = self._device_array([seqs[i].num_tokens for i in self._seeded], np.int64)
@@ -99,12 +103,14 @@ class SamplingInputs:
             self.prompt_tokens.clear()
         return replace(self._fixed, **moving) if moving else self._fixed
 
+    def _temperature_tensors(self, temperatures: list[float]) -> SamplingTensors:
+        """Rows that need only their temperatures (0.0: greedy)."""
+        return SamplingTensors(self._device_array(temperatures, np.float32), all_greedy=not any(temperatures), any_greedy=0.0 in temperatures)
+
     def _fixed_tensors(self, seqs: list[Sequence], params: list[SamplingParams]) -> SamplingTensors:
         """The tensors that depend only on which sequences the rows are."""
         device_array, vocab_size = self._device_array, self.vocab_size
-        temperatures = device_array([0.0 if p.greedy else p.temperature for p in params], np.float32)
-        greedy = [p.greedy for p in params]
-        tensors = SamplingTensors(temperatures, all_greedy=all(greedy), any_greedy=any(greedy))
+        tensors = self._temperature_tensors([p.sampling_temperature for p in params])
         if not tensors.all_greedy:
             if any(p.top_k > 0 for p in params):
                 tensors.top_k = device_array([p.top_k if p.top_k > 0 else vocab_size for p in params], np.int64)
