@@ -114,7 +114,7 @@ class Scheduler:
                 continue
             num_computed = seq.num_computed_tokens
             num_new = min(num_tokens - num_computed, budget)
-            # Most steps a sequence's blocks already cover its new tokens: only then is may_append skipped.
+            # may_append (inline check first) only when its blocks do not cover the new tokens: rare, a block holds many.
             if -(-(num_computed + num_new) // block_size) > len(seq.block_table) and not bm.may_append(seq, num_new):
                 if not self._make_room(seq, num_new):
                     break  # seq itself was preempted
