@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.validation import require_text
+from nanovllm.utils.validation import chat_messages, require_text
 
 Conversation = Sequence[Mapping[str, object]]
 
@@ -33,19 +33,25 @@ class LLM(LLMEngine):
         """
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer; this LLM was created with skip_tokenizer_init=True")
+        from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
         if not isinstance(messages, (list, tuple)) or not messages:
             raise TypeError(f"messages must be a non-empty list of messages or of conversations, got {messages!r}")
-        conversations = [messages] if isinstance(messages[0], Mapping) else list(messages)
-        for conversation in conversations:
-            if not isinstance(conversation, (list, tuple)) or not all(isinstance(m, Mapping) for m in conversation):
-                raise TypeError(f"a conversation must be a list of message dicts, got {conversation!r}")
-        texts = [
-            self.tokenizer.apply_chat_template(
-                list(conversation), chat_template=chat_template, tokenize=False,
-                add_generation_prompt=add_generation_prompt, **dict(chat_template_kwargs or {}),
-            )
-            for conversation in conversations
-        ]
+        if isinstance(messages[0], Mapping):
+            conversations = [chat_messages(messages)]
+        else:
+            conversations = [chat_messages(conversation, f"messages[{i}]") for i, conversation in enumerate(messages)]
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, Mapping):
+            raise TypeError(f"chat_template_kwargs must be a dict, got {chat_template_kwargs!r}")
+        texts = []
+        for i, conversation in enumerate(conversations):
+            try:
+                texts.append(self.tokenizer.apply_chat_template(
+                    conversation, chat_template=chat_template, tokenize=False,
+                    add_generation_prompt=add_generation_prompt, **dict(chat_template_kwargs or {}),
+                ))
+            except TemplateError as error:
+                raise ValueError(f"the chat template failed on conversation {i}: {type(error).__name__}: {error}") from error
         for text in texts:
             require_text("a chat message", text)
         prompts = [self.tokenizer.encode(text, add_special_tokens=False) for text in texts]

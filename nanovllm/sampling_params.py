@@ -14,6 +14,9 @@ MAX_SEED = 2**63 - 1
 # vLLM's limits: penalties in [-2, 2], a logit bias in [-100, 100].
 MAX_PENALTY = 2.0
 MAX_LOGIT_BIAS = 100.0
+# Logits are divided (or multiplied) by repetition_penalty in float32: far outside [1/100, 100] that
+# overflows to inf (or rounds the penalty to 0), and the row's probabilities become NaN.
+MAX_REPETITION_PENALTY = 100.0
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,7 @@ class SamplingParams:
     disable those filters. `seed` makes one request's samples reproducible whatever else is in
     the batch. `n` continuations share the prompt (it is prefilled once).
     Before sampling, `logit_bias` {token id: bias} is added to the logits, then the penalties:
-    `repetition_penalty` (> 0, 1 = off; HF/vLLM: a positive logit of a token seen in the prompt or
+    `repetition_penalty` (in [0.01, 100], 1 = off; HF/vLLM: a positive logit of a token seen in the prompt or
     output is divided by it, a negative one multiplied), `frequency_penalty` (times how often the
     token was generated) and `presence_penalty` (once if it was generated) are subtracted.
     Generation ends after `max_tokens`, or earlier at EOS (unless `ignore_eos`), at a token of
@@ -72,7 +75,7 @@ class SamplingParams:
             require_int("seed", self.seed, 0, MAX_SEED)
         require_number("presence_penalty", self.presence_penalty, -MAX_PENALTY, MAX_PENALTY)
         require_number("frequency_penalty", self.frequency_penalty, -MAX_PENALTY, MAX_PENALTY)
-        require_number("repetition_penalty", self.repetition_penalty, 0.0, low_open=True)
+        require_number("repetition_penalty", self.repetition_penalty, 1 / MAX_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
         require_int("max_tokens", self.max_tokens, 1)
         require_int("min_tokens", self.min_tokens, 0)
         if self.min_tokens > self.max_tokens:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -59,6 +60,24 @@ def test_full_queue_answers_503_and_recovers(server: Server, tiny_model: str) ->
         time.sleep(0.05)
     assert server.metrics()["nanovllm_num_requests_waiting"] == 0
     assert api.completions.create(model=tiny_model, prompt="room again", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_values_that_failed_the_engine_or_the_handler_are_served_or_refused(server: Server, tiny_model: str) -> None:
+    """top_k above int64 raised OverflowError inside the engine's step: the engine process died and the server
+    exited. A logit_bias key "--5" failed int() in the handler (a 500); a malformed message failed in the chat template."""
+    api = client(server)
+    sampled = dict(model=tiny_model, prompt="hi", max_tokens=4, temperature=1.0, seed=1, extra_body={"ignore_eos": True})
+    unfiltered = api.completions.create(**sampled).choices[0].text
+    for top_k in (2**63, 10**30):
+        assert api.completions.create(**{**sampled, "extra_body": {"ignore_eos": True, "top_k": top_k}}).choices[0].text == unfiltered
+    with pytest.raises(openai.BadRequestError, match="logit_bias token id must be an int, got '--5'"):
+        api.completions.create(model=tiny_model, prompt="hi", max_tokens=2, logit_bias={"--5": 1})
+    for content, words in [(None, "messages[0]['content'] must be a string"), ([{"type": "text", "text": 5}], "only text parts")]:
+        with pytest.raises(openai.BadRequestError, match=re.escape(words)) as raised:
+            api.chat.completions.create(model=tiny_model, messages=[{"role": "user", "content": content}], max_tokens=2)
+        assert raised.value.body["param"] == "messages"
+    assert server.process.poll() is None and httpx.get(f"{server.url}/health").status_code == 200
+    assert api.completions.create(model=tiny_model, prompt="still there", max_tokens=2).usage.completion_tokens >= 1
 
 
 def test_sigterm_under_load_exits_0_and_leaves_nothing(server: Server, tiny_model: str) -> None:

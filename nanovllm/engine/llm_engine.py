@@ -111,10 +111,12 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------
 
     def _check_params(self, params: object) -> SamplingParams:
-        """Check what SamplingParams cannot know alone: token ids and logprobs against the vocabulary, and
-        that text-based settings have a tokenizer."""
+        """Check what SamplingParams cannot know alone: n against max_num_seqs, token ids and logprobs against
+        the vocabulary, and that text-based settings have a tokenizer."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n must be <= max_num_seqs={self.config.max_num_seqs} (a request's continuations decode together), got {params.n}")
         vocab = self.config.hf_config.vocab_size
         for name, token_ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ())):
             for token_id in token_ids:
@@ -177,13 +179,15 @@ class LLMEngine:
 
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None, index: int = 0, stream: bool = False) -> Sequence:
         """Validate, tokenize and queue one request; returns its first sequence (`seq.request_id` names
-        the request; `stream=True` makes every step emit a chunk for it, else only its end does)."""
+        the request; `stream=True` makes every step emit a chunk for it, else only its end does). The engine
+        keeps the request (its output: `requests[request_id].output()`) until `abort(request_id)`."""
         with self._lock:
             [(prompt, token_ids, params)] = self.validate([prompt], sampling_params)
             return self._enqueue(prompt, token_ids, params, index, stream).completions[0].seq
 
     def abort(self, request: str | Sequence) -> None:
-        """Drop a request (by id, or by one of its sequences) that has not finished, freeing its blocks."""
+        """Drop a request (by id, or by one of its sequences), freeing its blocks if it has not finished;
+        an unknown id is a no-op."""
         with self._lock:
             request_id = request.request_id if isinstance(request, Sequence) else request
             state = self.requests.pop(request_id, None)
@@ -196,7 +200,7 @@ class LLMEngine:
 
     def step(self) -> tuple[list[StreamChunk], int, int]:
         """One scheduler step. Returns the streamed chunks / finished completions, and the (prefill,
-        decode) token counts of the step launched.
+        decode) token counts of the step launched (none when no request is live).
 
         With overlap scheduling the step launched here is completed by the next call: the host
         schedules and launches step N+1 before it reads step N's tokens, so the device never waits
@@ -204,6 +208,8 @@ class LLMEngine:
         """
         with self._lock:
             self._check_open()
+            if self.is_finished():
+                return [], 0, 0
             batch = self.scheduler.schedule()
             if not batch.seqs and self._in_flight is None:
                 raise RuntimeError("scheduler could not schedule any sequence (KV pool smaller than one request?)")

@@ -19,6 +19,7 @@ from nanovllm.sampling_params import MAX_SEED, SamplingParams
 
 # Sibling completions of one request (n > 1) draw from distinct seeds derived from the request's.
 _SIBLING_SEED_STRIDE = 0x9E3779B97F4A7C15
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 
 
 def sibling_seed(seed: int, completion_index: int) -> int:
@@ -112,10 +113,12 @@ class SamplingInputs:
         device_array, vocab_size = self._device_array, self.vocab_size
         tensors = self._temperature_tensors([p.sampling_temperature for p in params])
         if not tensors.all_greedy:
+            # top_k beyond the vocabulary keeps it all (and need not fit in int64); a top_p below float32's
+            # smallest normal number would round to 0 and drop even the top token.
             if any(p.top_k > 0 for p in params):
-                tensors.top_k = device_array([p.top_k if p.top_k > 0 else vocab_size for p in params], np.int64)
+                tensors.top_k = device_array([min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params], np.int64)
             if any(p.top_p < 1 for p in params):
-                tensors.top_p = device_array([p.top_p for p in params], np.float32)
+                tensors.top_p = device_array([max(p.top_p, FLOAT32_TINY) for p in params], np.float32)
             if any(p.min_p > 0 for p in params):
                 tensors.min_p = device_array([p.min_p for p in params], np.float32)
             if self._seeded:

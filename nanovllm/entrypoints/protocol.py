@@ -1,7 +1,7 @@
 """OpenAI request bodies (plus vLLM's extra sampling fields) and their translation to SamplingParams.
 
 Unknown fields are ignored, as OpenAI's clients send some this engine has no use for; a field that
-asks for behaviour the engine lacks (echo, suffix) is refused with a 400 rather than silently ignored.
+asks for behaviour the engine lacks (echo, suffix, best_of above n) is refused with a 400 rather than silently ignored.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, WrapValidator
 
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.validation import token_id_keys
+from nanovllm.utils.validation import chat_messages, token_id_keys
 
 MAX_N = 64
 # vLLM's penalty fields: a null (or absent) one keeps SamplingParams' neutral default.
@@ -112,6 +112,7 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = None
 
     def _logprobs(self) -> int | None:
         return self.logprobs
@@ -122,6 +123,8 @@ class CompletionRequest(SamplingRequest):
             raise ApiError(400, "echo is not supported by this engine", "echo")
         if self.suffix:
             raise ApiError(400, "suffix is not supported by this engine", "suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ApiError(400, f"best_of={self.best_of} is not supported by this engine (it returns n={self.n} samples, not the best of more)", "best_of")
         prompt = self.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             return [prompt]
@@ -135,6 +138,9 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
 
     def _logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
@@ -144,20 +150,14 @@ class ChatCompletionRequest(SamplingRequest):
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_tokens is None else self.max_tokens
 
-    def conversation(self) -> list[dict[str, str]]:
-        """Messages as the chat template wants them: role and text content (text parts are joined)."""
-        if not self.messages:
-            raise ApiError(400, "messages is empty", "messages")
-        conversation = []
-        for i, message in enumerate(self.messages):
-            role, content = message.get("role"), message.get("content")
-            if not isinstance(role, str):
-                raise ApiError(400, f"messages[{i}].role must be a string, got {role!r}", "messages")
-            if isinstance(content, list):
-                if any(not isinstance(part, dict) or part.get("type") != "text" for part in content):
-                    raise ApiError(400, f"messages[{i}].content: only text parts are supported", "messages")
-                content = "".join(str(part.get("text", "")) for part in content)
-            if not isinstance(content, str):
-                raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts, got {content!r}", "messages")
-            conversation.append({"role": role, "content": content})
-        return conversation
+    def conversation(self) -> list[dict[str, Any]]:
+        """Messages as the chat template wants them: a str role and text content (text parts are joined).
+        Refuses tool calling and structured output, which the engine lacks (it would answer in free text)."""
+        if self.tools and self.tool_choice != "none":
+            raise ApiError(400, "tools are not supported by this engine (send no tools, or tool_choice='none')", "tools")
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            raise ApiError(400, f"response_format {self.response_format.get('type')!r} is not supported by this engine (only 'text')", "response_format")
+        try:
+            return chat_messages(self.messages)
+        except (TypeError, ValueError) as error:
+            raise ApiError(400, str(error), "messages") from error

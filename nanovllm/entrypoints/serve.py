@@ -297,7 +297,7 @@ def build_app(client: EngineClient, model_name: str, api_key: str | None = None,
     async def chat_completions(body: ChatCompletionRequest, http_request: Request):
         try:
             prompt = state.tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        except (jinja2.TemplateError, ValueError) as error:
+        except (jinja2.TemplateError, TypeError, ValueError) as error:
             raise ApiError(400, f"the chat template failed on these messages: {error}", "messages") from error
         submitted = await _submit(state, body, [prompt], state.max_model_len)
         header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name}
