@@ -146,3 +146,16 @@ def test_fields_asking_for_missing_behaviour_get_a_400():
         assert raised.value.status == 400 and raised.value.param == param
     for fields in [{"tools": [tool], "tool_choice": "none"}, {"tools": []}, {"response_format": {"type": "text"}}]:
         assert ChatCompletionRequest(messages=[USER], **fields).conversation() == [USER]
+
+
+def test_logprob_counts_above_20_get_a_400():
+    """The cap was the vocabulary: logprobs=V decodes V tokens a step (10x the step time on the tiny model,
+    hours for a 150k vocabulary), stalling the engine loop for every client."""
+    for request, param in [(CompletionRequest(prompt="hi", logprobs=21), "logprobs"),
+                           (ChatCompletionRequest(messages=[USER], logprobs=True, top_logprobs=2048), "top_logprobs"),
+                           (ChatCompletionRequest(messages=[USER], logprobs=True, top_logprobs=-1), "top_logprobs")]:
+        with pytest.raises(ApiError, match=re.escape(f"{param} must be in [0, 20], got")) as raised:
+            request.sampling_params(16)
+        assert (raised.value.status, raised.value.param) == (400, param)
+    assert CompletionRequest(prompt="hi", logprobs=20).sampling_params(16).logprobs == 20
+    assert ChatCompletionRequest(messages=[USER], logprobs=True, top_logprobs=20).sampling_params(16).logprobs == 20

@@ -13,6 +13,9 @@ from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.validation import chat_messages, token_id_keys
 
 MAX_N = 64
+# vLLM's default max_logprobs (and OpenAI's top_logprobs limit): every returned alternative is a decoded token
+# in every step's output, so a vocabulary-sized count would stall the engine loop for every client.
+MAX_LOGPROBS = 20
 # vLLM's penalty fields: a null (or absent) one keeps SamplingParams' neutral default.
 PENALTY_FIELDS = ("repetition_penalty", "presence_penalty", "frequency_penalty")
 
@@ -31,6 +34,12 @@ class ApiError(Exception):
     def body(self) -> dict:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def _checked_logprobs(name: str, value: int | None) -> int | None:
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        raise ApiError(400, f"{name} must be in [0, {MAX_LOGPROBS}], got {value}", name)
+    return value
 
 
 class StreamOptions(BaseModel):
@@ -115,7 +124,7 @@ class CompletionRequest(SamplingRequest):
     best_of: int | None = None
 
     def _logprobs(self) -> int | None:
-        return self.logprobs
+        return _checked_logprobs("logprobs", self.logprobs)
 
     def prompts(self) -> list[str | list[int]]:
         """The request's prompts: one string, a list of strings, one token-id list or a list of them."""
@@ -145,7 +154,7 @@ class ChatCompletionRequest(SamplingRequest):
     def _logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs")
-        return (self.top_logprobs or 0) if self.logprobs else None
+        return _checked_logprobs("top_logprobs", self.top_logprobs or 0) if self.logprobs else None
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_tokens is None else self.max_tokens
