@@ -190,3 +190,38 @@ def test_a_refusal_that_arrives_after_its_add_was_cancelled_harms_no_other_reque
     outputs = run(scenario())
     assert len(outputs) == 1 and len(outputs[0].token_ids) == 1 and outputs[0].finish_reason == "length"
     run(until(lambda: client.stats.num_blocks_used == 0))
+
+
+def test_adds_of_one_event_loop_turn_go_as_one_message_each_answered_on_its_own(engine) -> None:
+    """Five streams add in the same turn: one pipe message carries the five adds; the bad one is
+    refused alone, the others run to their end; a cancelled add's abort follows in the next message."""
+    client, run = engine
+    sent = []
+    send = client._send
+
+    def recording(commands):
+        sent.append([type(c).__name__ for c in commands])
+        send(commands)
+
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+
+    async def one(prompt: list[int]) -> list[Output]:
+        stream = OutputStream(client)
+        await stream.add(prompt, params)
+        return await collect(stream)
+
+    async def scenario():
+        tasks = [asyncio.ensure_future(one(prompt)) for prompt in ([5] * 10, [6] * 10, [5] * 5000, [7] * 10, [8] * 10)]
+        cancelled = asyncio.ensure_future(one([9] * 10))
+        await asyncio.sleep(0)  # every task has queued its add
+        cancelled.cancel()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    with mock.patch.object(client, "_send", recording):
+        results = run(scenario())
+    assert sent[:2] == [["AddRequest"] * 6, ["AbortRequest"]]
+    assert isinstance(results[2], ValueError) and "max_model_len" in str(results[2])
+    for outputs in results[:2] + results[3:]:
+        [merged] = merge_outputs(outputs)
+        assert len(merged.token_ids) == 2 and merged.finish_reason == "length"
+    run(until(lambda: client.stats.num_blocks_used == 0 and client.stats.num_running == 0))

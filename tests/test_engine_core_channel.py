@@ -1,17 +1,19 @@
 """The engine -> API channel (update_channel.py): framing survives any split of the bytes, Updates
 queued while a send waits are merged without losing or reordering anything, and the engine keeps
-stepping while the API side reads nothing."""
+stepping while the API side reads nothing. The API -> engine pipe: one message's commands apply in
+order, each add answered on its own."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import pickle
 import socket
 import threading
 import time
 
 from conftest import make_llm
 from nanovllm import SamplingParams
-from nanovllm.engine.core_messages import (Accepted, AddRequest, LoopStats, Output, Refused, Stop, Update,
-                                           merge_outputs)
+from nanovllm.engine.core_messages import (AbortRequest, Accepted, AddRequest, LoopStats, Output, QueueFull, Refused, Stop,
+                                           Update, merge_outputs)
 from nanovllm.engine.engine_core import EngineCore
 from nanovllm.engine.update_channel import FrameDecoder, UpdateSender, send_message
 
@@ -91,14 +93,14 @@ def test_the_engine_keeps_stepping_while_the_api_side_reads_nothing(tiny_model) 
     runner = threading.Thread(target=core.run)
     runner.start()
     try:
-        send_command.send(AddRequest(0, [7] * 10, params))
+        send_command.send_bytes(pickle.dumps([AddRequest(0, [7] * 10, params)]))
         deadline = time.monotonic() + 60
         while not core._live and time.monotonic() < deadline:
             time.sleep(0.001)
         while core._live and time.monotonic() < deadline:
             time.sleep(0.01)
         assert engine.is_finished() and not core._live, "the engine stopped stepping while its output was not read"
-        send_command.send(Stop())
+        send_command.send_bytes(pickle.dumps([Stop()]))
         messages = read_all_until_stopped(theirs, runner)
     finally:
         send_command.close()
@@ -127,3 +129,39 @@ def read_all_until_stopped(sock: socket.socket, runner: threading.Thread) -> lis
     except BlockingIOError:
         pass
     return messages
+
+
+def test_one_message_of_adds_and_aborts_applies_in_order_each_add_on_its_own(tiny_model) -> None:
+    """One pipe message: a refused add (too long) leaves the others alone, an abort after its add in
+    the same message ends that request before it runs, and max_waiting counts the waiting requests
+    at each add (the abort made room for one more; the last two find the queue full)."""
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    engine = make_llm(tiny_model)
+    commands, send_command = mp.Pipe(duplex=False)
+    ours, theirs = socket.socketpair()
+    core = EngineCore(engine, commands, ours, max_waiting=2)
+    runner = threading.Thread(target=core.run)
+    runner.start()
+    try:
+        send_command.send_bytes(pickle.dumps([AddRequest(0, [5] * 10, params), AddRequest(1, [5] * 600, params), AddRequest(2, [6] * 10, params),
+                                              AbortRequest(0), AddRequest(3, [7] * 10, params), AddRequest(4, [8] * 10, params),
+                                              AddRequest(5, [9] * 10, params)]))
+        deadline = time.monotonic() + 60
+        while not (core._live or core._update.refused) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        while core._live and time.monotonic() < deadline:
+            time.sleep(0.01)
+        send_command.send_bytes(pickle.dumps([Stop()]))
+        messages = read_all_until_stopped(theirs, runner)
+    finally:
+        send_command.close()
+        runner.join(30)
+        theirs.close()
+    assert [a.request_id for m in messages for a in m.accepted] == [0, 2, 3]
+    refused = [r for m in messages for r in m.refused]
+    assert [r.request_id for r in refused] == [1, 4, 5]
+    assert isinstance(refused[0].error, ValueError) and "max_model_len" in str(refused[0].error)
+    assert all(isinstance(r.error, QueueFull) and "max_waiting=2" in str(r.error) for r in refused[1:])
+    finished = {o.request_id: o for o in merge_outputs([o for m in messages for o in m.outputs])}
+    assert sorted(finished) == [2, 3] and all(len(o.token_ids) == 3 and o.finish_reason == "length" for o in finished.values())
+    assert not engine.scheduler.block_manager.used_block_ids

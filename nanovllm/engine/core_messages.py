@@ -1,5 +1,7 @@
 """The typed messages between the API process (EngineClient) and the engine process (EngineCore):
-commands over a multiprocessing pipe, Updates back over a socket (update_channel.py). Per engine step
+Commands over a multiprocessing pipe, Updates back over a socket (update_channel.py). The client
+sends the commands of one event-loop turn as one pipe message (a burst of arrivals costs one pickle,
+one write and one wake-up of the engine's reader, not one per request). Per engine step
 the core sends at most ONE Update that carries every request's new outputs (fewer, merged ones when
 the API process falls behind), so the API process pays one receive and one wake-up per step at most."""
 from __future__ import annotations
@@ -37,6 +39,10 @@ class AbortRequest:
 @dataclass(frozen=True)
 class Stop:
     """End every live request with finish_reason "abort", then exit the engine."""
+
+
+# One pipe message: commands applied in order (each add refused or accepted on its own).
+Commands = list[AddRequest | AbortRequest | Stop]
 
 
 # ---- engine process -> API process ----------------------------------------------------------

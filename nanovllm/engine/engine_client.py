@@ -13,11 +13,12 @@ import atexit
 import itertools
 import multiprocessing as mp
 import multiprocessing.util  # noqa: F401 (its exit hook, which joins child processes, must be registered before ours)
+import pickle
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 
-from nanovllm.engine.core_messages import (Accepted, AbortRequest, AddRequest, EngineStopped, Failed, LoopStats, Output,
+from nanovllm.engine.core_messages import (Accepted, AbortRequest, AddRequest, Commands, EngineStopped, Failed, LoopStats, Output,
                                            QueueFull, Ready, Stop, Update, merge_outputs)
 from nanovllm.engine.engine_core import run_engine_core
 from nanovllm.engine.update_channel import FrameDecoder, recv_message
@@ -58,6 +59,7 @@ class EngineClient:
         self.on_death: Callable[[str], None] | None = None
         self._streams: dict[int, OutputStream] = {}  # by request id, until the request's last output is routed
         self._accepting: dict[int, asyncio.Future] = {}
+        self._outbox: Commands = []  # this event-loop turn's adds and aborts, sent as one message at the turn's end
         self._ids = itertools.count()
         self._send_lock = threading.Lock()
         self._closing = False
@@ -178,19 +180,39 @@ class EngineClient:
         if not self._closing and self.on_death is not None:
             self.on_death(reason)
 
-    def _send(self, message: AddRequest | AbortRequest | Stop) -> None:
+    def _send(self, commands: Commands) -> None:
+        """One pipe message (plain pickle: commands hold no handles; multiprocessing's pickler costs
+        more per message); OSError once the engine process is gone."""
+        payload = pickle.dumps(commands, protocol=pickle.HIGHEST_PROTOCOL)
+        with self._send_lock:
+            self._commands.send_bytes(payload)
+
+    def _queue(self, command: AddRequest | AbortRequest) -> None:
+        """Send `command` at the end of this event-loop turn, with every other command queued in it, in order (event loop)."""
+        if not self._outbox:
+            self._event_loop.call_soon(self._flush)
+        self._outbox.append(command)
+
+    def _flush(self) -> None:
+        commands, self._outbox = self._outbox, []
         if self.error is not None:
-            raise self.error
+            return  # _fail has answered every add
         try:
-            with self._send_lock:
-                self._commands.send(message)
+            self._send(commands)
         except OSError as error:
-            raise EngineStopped(f"the engine process is gone ({error!r})") from error
+            stopped = EngineStopped(f"the engine process is gone ({error!r})")
+            for command in commands:
+                if isinstance(command, AddRequest):
+                    if (stream := self._streams.pop(command.request_id, None)) is not None:
+                        stream._forget(command.request_id)
+                    self._resolve(command.request_id, stopped)
 
     async def _add(self, stream: OutputStream, prompt: Prompt, params: SamplingParams) -> Accepted:
+        if self.error is not None:
+            raise self.error
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
-        self._send(AddRequest(request_id, prompt, params))
+        self._queue(AddRequest(request_id, prompt, params))
         self._accepting[request_id] = future
         self._streams[request_id] = stream
         stream._live[request_id] = params.n
@@ -201,14 +223,12 @@ class EngineClient:
             raise
 
     def abort(self, request_id: int) -> None:
-        """Drop a request (all its completions) and free its blocks; a no-op once it has finished."""
+        """Drop a request (all its completions) and free its blocks; a no-op once it has finished (event loop)."""
         self._accepting.pop(request_id, None)
         if (stream := self._streams.pop(request_id, None)) is not None:
             stream._forget(request_id)
-        try:
-            self._send(AbortRequest(request_id))
-        except EngineStopped:
-            pass  # nothing runs any more
+        if self.error is None and not self._closing:  # once closing, Stop ends every request
+            self._queue(AbortRequest(request_id))
 
     def close(self, timeout: float = JOIN_TIMEOUT_S) -> None:
         """Stop the engine process (live requests end with finish_reason "abort") and wait for it;
@@ -220,8 +240,7 @@ class EngineClient:
         self._closing = True
         atexit.unregister(self.close)
         try:
-            with self._send_lock:
-                self._commands.send(Stop())
+            self._send([Stop()])
         except OSError:
             pass
         self.process.join(timeout if self.ready is not None else 0)

@@ -3,13 +3,15 @@ pipe from the API process (EngineClient) and drained through a socket to it (upd
 HTTP, JSON and SSE work never holds the GIL the step loop needs. Requests that arrive while others
 decode join the next step (continuous batching).
 
-A reader thread moves the pipe's messages into an inbox; the main thread applies them between steps
+A reader thread moves the pipe's messages (Commands: lists, one per event-loop turn of the client)
+into an inbox; the main thread applies them in order between steps
 and hands one Update per turn to the UpdateSender, which never blocks the step loop (a slow API
 process gets merged Updates). A request with SamplingParams.n > 1 is one engine request (its prompt
 is prefilled once) whose n completions each deliver their own Outputs.
 """
 from __future__ import annotations
 
+import pickle
 import queue
 import signal
 import socket
@@ -17,8 +19,8 @@ import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from nanovllm.engine.core_messages import (Accepted, AbortRequest, AddRequest, EngineStopped, Failed, LoopStats, Output,
-                                           QueueFull, Ready, Refused, Stop, Update)
+from nanovllm.engine.core_messages import (Accepted, AddRequest, Commands, EngineStopped, Failed, LoopStats, Output, QueueFull,
+                                           Ready, Refused, Stop, Update)
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.update_channel import UpdateSender, send_message
@@ -45,21 +47,21 @@ class EngineCore:
         self.engine = engine
         self.commands = commands
         self.max_waiting = max_waiting
-        self._inbox: queue.SimpleQueue[AddRequest | AbortRequest | Stop] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Commands] = queue.SimpleQueue()
         self._live: dict[str, _Live] = {}  # by the engine's request id (seq.request_id)
         self._engine_ids: dict[int, str] = {}  # the engine's request id of each live request, by the client's id
         self._update = Update(self._stats())
         self._sent_stats: LoopStats | None = None
-        self._sender = UpdateSender(updates, on_gone=lambda: self._inbox.put(Stop()))  # nobody reads outputs any more
+        self._sender = UpdateSender(updates, on_gone=lambda: self._inbox.put([Stop()]))  # nobody reads outputs any more
         threading.Thread(target=self._read, name="nanovllm-core-reader", daemon=True).start()
 
     def _read(self) -> None:
         """Pipe -> inbox; the API process going away (EOF) is a Stop."""
         try:
             while True:
-                self._inbox.put(self.commands.recv())
+                self._inbox.put(pickle.loads(self.commands.recv_bytes()))
         except (EOFError, OSError):
-            self._inbox.put(Stop())
+            self._inbox.put([Stop()])
 
     def run(self) -> None:
         try:
@@ -80,20 +82,21 @@ class EngineCore:
     # ---- messages -------------------------------------------------------------------------
 
     def _handle_messages(self, block: bool) -> bool:
-        """Apply every queued message (waiting for one when `block`); False once Stop arrives."""
+        """Apply every queued command in order (waiting for some when `block`); False once Stop arrives."""
         try:
-            message = self._inbox.get(block=block)
+            commands = self._inbox.get(block=block)
         except queue.Empty:
             return True
         while True:
-            if isinstance(message, Stop):
-                return False
-            if isinstance(message, AddRequest):
-                self._add(message)
-            else:
-                self._abort(message.request_id)
+            for command in commands:
+                if isinstance(command, Stop):
+                    return False
+                if isinstance(command, AddRequest):
+                    self._add(command)
+                else:
+                    self._abort(command.request_id)
             try:
-                message = self._inbox.get_nowait()
+                commands = self._inbox.get_nowait()
             except queue.Empty:
                 return True
 
@@ -165,11 +168,12 @@ class EngineCore:
         """End every live request ("abort") and refuse every add still queued; the last Update."""
         while True:
             try:
-                message = self._inbox.get_nowait()
+                commands = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(message, AddRequest):
-                self._update.refused.append(Refused(message.request_id, EngineStopped("the engine is stopped")))
+            for command in commands:
+                if isinstance(command, AddRequest):
+                    self._update.refused.append(Refused(command.request_id, EngineStopped("the engine is stopped")))
         for engine_id, live in list(self._live.items()):
             self.engine.abort(engine_id)
             asked = live.seq.sampling_params.logprobs is not None  # then logprobs is a list, as in every other Output
