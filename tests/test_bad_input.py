@@ -159,3 +159,15 @@ def test_logprob_counts_above_20_get_a_400():
         assert (raised.value.status, raised.value.param) == (400, param)
     assert CompletionRequest(prompt="hi", logprobs=20).sampling_params(16).logprobs == 20
     assert ChatCompletionRequest(messages=[USER], logprobs=True, top_logprobs=20).sampling_params(16).logprobs == 20
+
+
+def test_stop_lists_beyond_their_caps_get_a_400():
+    """Each step checks every completion against every stop string: 100k of them (within the body limit)
+    cost ~40 ms per completion per step, stalling the engine loop for every client."""
+    for fields, param, count, limit in [({"stop": ["zz"] * 65}, "stop", 65, 64), ({"stop_token_ids": [5] * 1025}, "stop_token_ids", 1025, 1024)]:
+        with pytest.raises(ApiError, match=re.escape(f"{param} has {count} entries; at most {limit} are allowed")) as raised:
+            CompletionRequest(prompt="hi", **fields).sampling_params(16)
+        assert (raised.value.status, raised.value.param) == (400, param)
+    params = CompletionRequest(prompt="hi", stop=["zz"] * 64, stop_token_ids=[5] * 1024).sampling_params(16)
+    assert len(params.stop) == 64 and len(params.stop_token_ids) == 1024
+    assert CompletionRequest(prompt="hi", stop="zz").sampling_params(16).stop == ("zz",)

@@ -16,6 +16,11 @@ MAX_N = 64
 # vLLM's default max_logprobs (and OpenAI's top_logprobs limit): every returned alternative is a decoded token
 # in every step's output, so a vocabulary-sized count would stall the engine loop for every client.
 MAX_LOGPROBS = 20
+# Every step checks each completion's text against every stop string (and its token against every stop
+# token id): 100k stop strings cost ~40 ms per completion per step on the CPU box, for every client.
+# OpenAI allows 4 stop strings; these caps leave room and bound that work.
+MAX_STOP_STRINGS = 64
+MAX_STOP_TOKEN_IDS = 1024
 # vLLM's penalty fields: a null (or absent) one keeps SamplingParams' neutral default.
 PENALTY_FIELDS = ("repetition_penalty", "presence_penalty", "frequency_penalty")
 
@@ -82,6 +87,11 @@ class SamplingRequest(BaseModel):
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """The request's SamplingParams, n included: the engine runs the n choices as one request."""
         penalties = {name: getattr(self, name) for name in PENALTY_FIELDS if getattr(self, name) is not None}
+        stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop
+        stop_token_ids = self.stop_token_ids or []
+        for name, values, limit in (("stop", stop, MAX_STOP_STRINGS), ("stop_token_ids", stop_token_ids, MAX_STOP_TOKEN_IDS)):
+            if len(values) > limit:
+                raise ApiError(400, f"{name} has {len(values)} entries; at most {limit} are allowed", name)
         logit_bias = token_id_keys(self.logit_bias) if self.logit_bias else None
         try:
             return SamplingParams(
@@ -94,8 +104,8 @@ class SamplingRequest(BaseModel):
                 max_tokens=default_max_tokens if self._max_tokens() is None else self._max_tokens(),
                 min_tokens=self.min_tokens,
                 ignore_eos=self.ignore_eos,
-                stop_token_ids=self.stop_token_ids or [],
-                stop=[] if self.stop is None else self.stop,
+                stop_token_ids=stop_token_ids,
+                stop=stop,
                 logprobs=self._logprobs(),
                 logit_bias=logit_bias,
                 **penalties,
