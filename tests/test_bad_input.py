@@ -171,3 +171,18 @@ def test_stop_lists_beyond_their_caps_get_a_400():
     params = CompletionRequest(prompt="hi", stop=["zz"] * 64, stop_token_ids=[5] * 1024).sampling_params(16)
     assert len(params.stop) == 64 and len(params.stop_token_ids) == 1024
     assert CompletionRequest(prompt="hi", stop="zz").sampling_params(16).stop == ("zz",)
+
+
+@pytest.mark.parametrize("field, value", [("max_tokens", True), ("max_tokens", "5"), ("n", 2.0), ("seed", "1"), ("temperature", "0.5"),
+                                          ("temperature", True), ("stream", "yes"), ("ignore_eos", 1), ("logprobs", True),
+                                          ("stop_token_ids", [True]), ("logit_bias", {"5": True}), ("stream_options", {"include_usage": "yes"})])
+def test_wrongly_typed_sampling_fields_get_a_400_not_a_coercion(field, value):
+    """pydantic's lax mode turned `"max_tokens": true` into 1 and `"stream": "yes"` into True."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=field):
+        CompletionRequest.model_validate({"prompt": "hi", field: value})
+    request = CompletionRequest.model_validate({"prompt": "hi", "temperature": 1, "top_p": 1, "max_tokens": 3, "logit_bias": {"5": 2}})
+    assert request.sampling_params(16).temperature == 1.0 and request.sampling_params(16).logit_bias == {5: 2}, "an int is a valid float"
+    with pytest.raises(ValidationError, match="logprobs"):
+        ChatCompletionRequest.model_validate({"messages": [USER], "logprobs": "yes"})

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, WrapValidator
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, WrapValidator
 
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.validation import chat_messages, token_id_keys
@@ -48,31 +48,34 @@ def _checked_logprobs(name: str, value: int | None) -> int | None:
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SamplingRequest(BaseModel):
+    """Numbers and flags are strict, as OpenAI's API: `"max_tokens": true` or `"temperature": "0.5"` is a 400,
+    not a silent 1 or 0.5 (an int is still a valid float)."""
+
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
-    seed: int | None = None
+    max_tokens: StrictInt | None = None
+    temperature: StrictFloat = 1.0
+    top_p: StrictFloat = 1.0
+    n: StrictInt = 1
+    seed: StrictInt | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     # vLLM's extra sampling fields
-    top_k: int = -1
-    min_p: float = 0.0
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
-    repetition_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    top_k: StrictInt = -1
+    min_p: StrictFloat = 0.0
+    ignore_eos: StrictBool = False
+    min_tokens: StrictInt = 0
+    stop_token_ids: list[StrictInt] | None = None
+    repetition_penalty: StrictFloat | None = None
+    presence_penalty: StrictFloat | None = None
+    frequency_penalty: StrictFloat | None = None
+    logit_bias: dict[str, StrictFloat] | None = None
 
     def _logprobs(self) -> int | None:
         raise NotImplementedError
@@ -128,10 +131,10 @@ def _token_ids_at_once(value: Any, validate: Any) -> Any:
 
 class CompletionRequest(SamplingRequest):
     prompt: Annotated[str | list[str] | list[int] | list[list[int]], WrapValidator(_token_ids_at_once)]
-    logprobs: int | None = None
-    echo: bool = False
+    logprobs: StrictInt | None = None
+    echo: StrictBool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: StrictInt | None = None
 
     def _logprobs(self) -> int | None:
         return _checked_logprobs("logprobs", self.logprobs)
@@ -154,9 +157,9 @@ class CompletionRequest(SamplingRequest):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[dict[str, Any]]
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
