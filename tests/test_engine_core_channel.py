@@ -9,6 +9,9 @@ import pickle
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from multiprocessing.connection import Connection
 
 from conftest import make_llm
 from nanovllm import SamplingParams
@@ -90,27 +93,45 @@ def test_the_engine_keeps_stepping_while_the_api_side_reads_nothing(tiny_model) 
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     core = EngineCore(engine, commands, ours, max_waiting=None)
-    runner = threading.Thread(target=core.run)
-    runner.start()
-    try:
+    with core_thread(core, send_command, theirs) as stop_and_read:
         send_command.send_bytes(pickle.dumps([AddRequest(0, [7] * 10, params)]))
-        deadline = time.monotonic() + 60
-        while not core._live and time.monotonic() < deadline:
-            time.sleep(0.001)
-        while core._live and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until_idle(core, lambda: bool(core._live))
         assert engine.is_finished() and not core._live, "the engine stopped stepping while its output was not read"
-        send_command.send_bytes(pickle.dumps([Stop()]))
-        messages = read_all_until_stopped(theirs, runner)
-    finally:
-        send_command.close()
-        runner.join(30)
-        theirs.close()
+        messages = stop_and_read()
     outputs = [o for m in messages for o in m.outputs]
     [merged] = merge_outputs(outputs)
     assert (merged.text, merged.token_ids, merged.finish_reason) == (expected["text"], expected["token_ids"], "length")
     assert len(merged.logprobs) == 120
     assert len(messages) < 120, "the Updates queued while the socket was full were merged"
+
+
+@contextmanager
+def core_thread(core: EngineCore, send_command: Connection, theirs: socket.socket) -> Iterator[Callable[[], list]]:
+    """Run `core` on a thread; yields `stop_and_read`: send Stop, then read every Update until the thread ends.
+    Whatever happens, the pipe is closed (a Stop for the core), the thread joined and the socket closed."""
+    runner = threading.Thread(target=core.run)
+    runner.start()
+
+    def stop_and_read() -> list:
+        send_command.send_bytes(pickle.dumps([Stop()]))
+        return read_all_until_stopped(theirs, runner)
+
+    try:
+        yield stop_and_read
+    finally:
+        send_command.close()
+        runner.join(30)
+        theirs.close()
+
+
+def wait_until_idle(core: EngineCore, started: Callable[[], bool]) -> None:
+    """Wait (60 s at most in all) until the core has taken up what was sent (`started`), then until it has no
+    live request."""
+    deadline = time.monotonic() + 60
+    while not started() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    while core._live and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def read_all_until_stopped(sock: socket.socket, runner: threading.Thread) -> list:
@@ -140,23 +161,12 @@ def test_one_message_of_adds_and_aborts_applies_in_order_each_add_on_its_own(tin
     commands, send_command = mp.Pipe(duplex=False)
     ours, theirs = socket.socketpair()
     core = EngineCore(engine, commands, ours, max_waiting=2)
-    runner = threading.Thread(target=core.run)
-    runner.start()
-    try:
+    with core_thread(core, send_command, theirs) as stop_and_read:
         send_command.send_bytes(pickle.dumps([AddRequest(0, [5] * 10, params), AddRequest(1, [5] * 600, params), AddRequest(2, [6] * 10, params),
                                               AbortRequest(0), AddRequest(3, [7] * 10, params), AddRequest(4, [8] * 10, params),
                                               AddRequest(5, [9] * 10, params)]))
-        deadline = time.monotonic() + 60
-        while not (core._live or core._update.refused) and time.monotonic() < deadline:
-            time.sleep(0.001)
-        while core._live and time.monotonic() < deadline:
-            time.sleep(0.01)
-        send_command.send_bytes(pickle.dumps([Stop()]))
-        messages = read_all_until_stopped(theirs, runner)
-    finally:
-        send_command.close()
-        runner.join(30)
-        theirs.close()
+        wait_until_idle(core, lambda: bool(core._live or core._update.refused))
+        messages = stop_and_read()
     assert [a.request_id for m in messages for a in m.accepted] == [0, 2, 3]
     refused = [r for m in messages for r in m.refused]
     assert [r.request_id for r in refused] == [1, 4, 5]
