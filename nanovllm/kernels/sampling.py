@@ -63,7 +63,9 @@ def _chunk_best_kernel(logits_ptr, temperatures_ptr, best_score_ptr, best_index_
     chunk_end = tl.minimum(chunk_start + chunk_size, vocab_size)
     best_score = tl.full([BLOCK], float("-inf"), tl.float32)
     best_index = tl.zeros([BLOCK], tl.int32)
-    for start in range(chunk_start, chunk_end, BLOCK):
+    # A while loop: Triton 3.6's interpreter cannot take a scalar tensor as a `range` bound under NumPy 2.4.
+    start = chunk_start
+    while start < chunk_end:
         offs = start + tl.arange(0, BLOCK)
         logits = tl.load(base + offs, mask=offs < chunk_end, other=float("-inf")).to(tl.float32)
         bits = _mix32(key ^ (offs.to(tl.uint32) * 0x85EBCA6B))
@@ -73,6 +75,7 @@ def _chunk_best_kernel(logits_ptr, temperatures_ptr, best_score_ptr, best_index_
         better = score > best_score
         best_score = tl.where(better, score, best_score)
         best_index = tl.where(better, offs, best_index)
+        start += BLOCK
     top = tl.max(best_score, axis=0)
     index = tl.min(tl.where(best_score == top, best_index, vocab_size), axis=0)
     tl.store(best_score_ptr + row * num_chunks + chunk, top)
