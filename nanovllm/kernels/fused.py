@@ -175,32 +175,37 @@ def _rope_kernel(
     """RMS-normalise (when NORM) every q and k head of one token, then rotate them: q in place; k in
     place, or (STORE) into the token's cache slot together with its v.
 
-    Grid: (N,). q: [N, NUM_Q_HEADS, 2 * HALF], k and v: [N, NUM_K_HEADS, 2 * HALF] (contiguous last
-    dims); q_weight, k_weight: [2 * HALF]; cos_sin: fp32 [max_positions, 2 * HALF] as [cos | sin];
+    Grid: (N, 2): program (t, 0) does token t's q heads, (t, 1) its k heads (and v). q: [N, NUM_Q_HEADS,
+    2 * HALF], k and v: [N, NUM_K_HEADS, 2 * HALF] (contiguous last dims); q_weight, k_weight: [2 * HALF]; cos_sin: fp32 [max_positions, 2 * HALF] as [cos | sin];
     positions: [N]; with STORE the caches [num_blocks, PAGE, NUM_K_HEADS, 2 * HALF] and slot_mapping [N]
-    (-1: the token's k and v are not stored). One program a token (not a head): a head is only 2 * HALF
-    elements, too little work for a program.
+    (-1: the token's k and v are not stored). Programs take all heads of a token's q or k (a head is only
+    2 * HALF elements, too little work for a program); q and k in separate programs halve the chain of
+    dependent loads and stores a program waits through (at decode batch sizes the kernel is latency-bound).
     """
     token = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     row = cos_sin_ptr + tl.load(positions_ptr + token).to(tl.int64) * cos_sin_stride
     cos = tl.load(row + offs, mask=offs < HALF, other=0.0)
     sin = tl.load(row + HALF + offs, mask=offs < HALF, other=0.0)
-    q_row = q_ptr + token * q_stride_n
-    _norm_rope_heads(q_row, q_stride_h, q_row, q_stride_h, q_weight_ptr, cos, sin, eps, NUM_Q_HEADS, HALF, BLOCK, BLOCK_Q, NORM)
     k_row = k_ptr + token * k_stride_n
-    if STORE:
+    if tl.program_id(1) == 0:
+        q_row = q_ptr + token * q_stride_n
+        _norm_rope_heads(q_row, q_stride_h, q_row, q_stride_h, q_weight_ptr, cos, sin, eps, NUM_Q_HEADS, HALF, BLOCK, BLOCK_Q, NORM)
+    elif STORE:
         slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
         if slot >= 0:
-            cache_row = (slot // PAGE) * cache_stride_block + (slot % PAGE) * cache_stride_token
-            _norm_rope_heads(k_row, k_stride_h, k_cache_ptr + cache_row, cache_stride_head, k_weight_ptr, cos, sin, eps, NUM_K_HEADS, HALF,
-                             BLOCK, BLOCK_K, NORM)
+            # v is loaded before k's stores, so its load does not wait behind them.
             heads = tl.arange(0, BLOCK_K)
             mask = (heads[:, None] < NUM_K_HEADS) & (offs[None, :] < HALF)
             v_src = v_ptr + token * v_stride_n + heads[:, None] * v_stride_h + offs[None, :]
+            v1 = tl.load(v_src, mask=mask)
+            v2 = tl.load(v_src + HALF, mask=mask)
+            cache_row = (slot // PAGE) * cache_stride_block + (slot % PAGE) * cache_stride_token
+            _norm_rope_heads(k_row, k_stride_h, k_cache_ptr + cache_row, cache_stride_head, k_weight_ptr, cos, sin, eps, NUM_K_HEADS, HALF,
+                             BLOCK, BLOCK_K, NORM)
             v_dst = v_cache_ptr + cache_row + heads[:, None] * cache_stride_head + offs[None, :]
-            tl.store(v_dst, tl.load(v_src, mask=mask), mask=mask)
-            tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=mask), mask=mask)
+            tl.store(v_dst, v1, mask=mask)
+            tl.store(v_dst + HALF, v2, mask=mask)
     else:
         _norm_rope_heads(k_row, k_stride_h, k_row, k_stride_h, k_weight_ptr, cos, sin, eps, NUM_K_HEADS, HALF, BLOCK, BLOCK_K, NORM)
 
@@ -244,7 +249,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions: tor
 
 def _launch_rope(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor,
                  q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float, cache: KVCacheWrite | None) -> None:
-    """Check the shapes and launch one program a token; without weights the heads are only rotated."""
+    """Check the shapes and launch two programs a token (q; k and v); without weights the heads are only rotated."""
     if q.dim() != 3 or k.dim() != 3 or q.dtype not in _DTYPES or k.dtype != q.dtype:
         raise ValueError(f"q/k must be [N, H, D] fp16/bf16/fp32 tensors of one dtype, got {q.dtype} {tuple(q.shape)} and {k.dtype} {tuple(k.shape)}")
     num_tokens, num_q_heads, head_dim = q.shape
@@ -265,7 +270,7 @@ def _launch_rope(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positi
     if num_tokens == 0:
         return
     v, k_cache, v_cache, slot_mapping = cache if cache is not None else (k, k, k, positions)
-    _rope_kernel[(num_tokens,)](
+    _rope_kernel[(num_tokens, 2)](
         q,
         k,
         v,
