@@ -210,12 +210,14 @@ def _decode_lens(batch: int, max_context: int, block_size: int) -> list[int]:
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("ordered", [False, True])
 @pytest.mark.parametrize("dtype,block_size,head_dim,num_kv_heads,group,batch,max_context", DECODE_CASES)
 def test_paged_attention_decode(
-    dtype: torch.dtype, block_size: int, head_dim: int, num_kv_heads: int, group: int, batch: int, max_context: int
+    dtype: torch.dtype, block_size: int, head_dim: int, num_kv_heads: int, group: int, batch: int, max_context: int, ordered: bool
 ) -> None:
+    """Unordered, and with the programs started longest sequence first (each output row must still be its own sequence's)."""
     device = _device(dtype)
-    from nanovllm.kernels.decode_attention import paged_attention_decode
+    from nanovllm.kernels.decode_attention import longest_first, paged_attention_decode
 
     torch.manual_seed(batch * block_size + head_dim + group)
     num_q_heads = num_kv_heads * group
@@ -225,9 +227,11 @@ def test_paged_attention_decode(
     out = torch.full((batch, num_q_heads, head_dim), float("nan"), dtype=dtype, device=device)
     scale = head_dim**-0.5
 
-    paged_attention_decode(
-        q, k_cache, v_cache, out, torch.tensor(seq_lens, dtype=torch.int32, device=device), block_tables, scale
-    )
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    order = longest_first(lens) if ordered else None
+    if ordered:
+        assert sorted(order.tolist()) == list(range(batch)) and lens[order.long()].tolist() == sorted(seq_lens, reverse=True)
+    paged_attention_decode(q, k_cache, v_cache, out, lens, block_tables, scale, order)
     ref = _reference(q, k_cache, v_cache, list(range(batch + 1)), seq_lens, block_tables, scale)
     assert not out.isnan().any()
     assert _rel_err(out, ref) <= TOLERANCE[dtype]
@@ -238,7 +242,7 @@ def test_paged_attention_decode_cuda_graph() -> None:
     device = _device()
     if device.type != "cuda":
         pytest.skip("CUDA graphs need a CUDA device")
-    from nanovllm.kernels.decode_attention import paged_attention_decode
+    from nanovllm.kernels.decode_attention import longest_first, paged_attention_decode
 
     torch.manual_seed(7)
     dtype, block_size, head_dim, num_kv_heads, num_q_heads, batch = torch.bfloat16, 64, 128, 2, 4, 6
@@ -255,11 +259,11 @@ def test_paged_attention_decode_cuda_graph() -> None:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        paged_attention_decode(q, k_cache, v_cache, out, lens, block_tables, scale)
+        paged_attention_decode(q, k_cache, v_cache, out, lens, block_tables, scale, longest_first(lens))
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        paged_attention_decode(q, k_cache, v_cache, out, lens, block_tables, scale)
+    with torch.cuda.graph(graph):  # the order is captured too: each replay sorts the lengths it finds
+        paged_attention_decode(q, k_cache, v_cache, out, lens, block_tables, scale, longest_first(lens))
 
     for _ in range(2):
         seq_lens = _decode_lens(batch, capacity, block_size)

@@ -27,6 +27,7 @@ def _decode_split_kernel(
     cu_seqlens_q_ptr,
     seq_lens_ptr,
     block_tables_ptr,
+    order_ptr,
     scale_log2,
     q_stride_b,
     q_stride_h,
@@ -45,10 +46,12 @@ def _decode_split_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     MIXED: tl.constexpr,
+    ORDERED: tl.constexpr,
 ):
     """Attention of one decode token over one KV split, all GROUP heads of a KV head at once.
 
-    Grid: (batch, num_kv_heads, NUM_SPLITS). The split length is
+    Grid: (num_kv_heads, batch, NUM_SPLITS); program (h, i, s) serves sequence i, or with ORDERED
+    sequence order[i] (order: int32 [batch], a permutation). The split length is
     cdiv(cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N tokens; a split past the end of
     the sequence is empty. With NUM_SPLITS == 1 the normalised result goes straight to
     out; otherwise it goes to part_o [batch, NUM_Q_HEADS, NUM_SPLITS, HEAD_DIM] (fp32,
@@ -61,8 +64,10 @@ def _decode_split_kernel(
     cu_seqlens_q int32 [batch + 1]; a program serves its sequence only if it has exactly one query
     token (row cu_seqlens_q[seq]) and exits otherwise.
     """
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(0)
+    seq = tl.program_id(1)
+    if ORDERED:
+        seq = tl.load(order_ptr + seq)
     split = tl.program_id(2)
 
     row = seq.to(tl.int64)
@@ -172,9 +177,11 @@ def launch_decode(
     num_warps: int,
     num_stages: int,
     cu_seqlens_q: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
 ) -> None:
     """Launch the split-KV decode kernel (and the merge kernel when num_splits > 1). With
-    `cu_seqlens_q` (one split only) the batch is mixed: see the kernel's MIXED mode."""
+    `cu_seqlens_q` (one split only) the batch is mixed: see the kernel's MIXED mode. With `order`
+    (int32 [batch], a permutation of the sequences) the GPU starts the sequences' programs in that order."""
     batch, num_q_heads, head_dim = seq_lens.shape[0], q.shape[1], q.shape[2]
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
@@ -184,7 +191,7 @@ def launch_decode(
     else:
         part_o = out
         part_lse = out
-    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+    _decode_split_kernel[(num_kv_heads, batch, num_splits)](
         q,
         k_cache,
         v_cache,
@@ -194,6 +201,7 @@ def launch_decode(
         seq_lens if cu_seqlens_q is None else cu_seqlens_q,
         seq_lens,
         block_tables,
+        seq_lens if order is None else order,
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -212,6 +220,7 @@ def launch_decode(
         NUM_SPLITS=num_splits,
         DOT_PRECISION=dot_precision(q.dtype),
         MIXED=cu_seqlens_q is not None,
+        ORDERED=order is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -260,6 +269,7 @@ def paged_attention_decode(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    order: torch.Tensor | None = None,
 ) -> None:
     """Attention of one new token per sequence over its paged KV (split-KV flash decoding).
 
@@ -276,6 +286,9 @@ def paged_attention_decode(
         seq_lens: int32 [batch], KV length of each sequence including the new token.
         block_tables: int32 [batch, max_blocks_per_seq], -1 padded.
         scale: softmax scale, usually head_dim ** -0.5.
+        order: optional int32 [batch], a permutation of the sequences: their programs start in this
+            order. Longest first (`longest_first`) keeps a long sequence from starting last and
+            running alone at the end of the kernel when the batch fills only a few waves of programs.
     """
     check_cache_and_q(q, k_cache, v_cache, out, block_tables)
     batch = q.shape[0]
@@ -283,8 +296,16 @@ def paged_attention_decode(
         raise ValueError(f"seq_lens must be int32 [{batch}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
     if block_tables.shape[0] != batch:
         raise ValueError(f"block_tables has {block_tables.shape[0]} rows for batch {batch}")
+    if order is not None and (order.shape != (batch,) or order.dtype != torch.int32):
+        raise ValueError(f"order must be int32 [{batch}], got {order.dtype} {tuple(order.shape)}")
     if batch == 0:
         return
     block_n, num_warps = decode_tile(q)
     num_splits = _decode_num_splits(batch, k_cache.shape[2], block_tables.shape[1] * k_cache.shape[1], q.device)
-    launch_decode(q, k_cache, v_cache, out, seq_lens, block_tables, scale, num_splits, block_n, num_warps, 2)
+    launch_decode(q, k_cache, v_cache, out, seq_lens, block_tables, scale, num_splits, block_n, num_warps, 2, order=order)
+
+
+def longest_first(seq_lens: torch.Tensor) -> torch.Tensor:
+    """The `order` argument of `paged_attention_decode`: sequences by descending KV length (int32 [batch]).
+    On the device, no host sync (a CUDA graph captures it); build it once per step, not per layer."""
+    return torch.argsort(seq_lens, descending=True).to(torch.int32)

@@ -121,8 +121,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
 
 
 class TritonBackend(AttentionBackend):
-    """Our Triton kernels: the rotary kernel stores K/V (no separate store kernel), split-KV decode,
-    and for other steps varlen attention (its decode rows to the decode kernel, longer queries to the
+    """Our Triton kernels: the rotary kernel stores K/V (no separate store kernel), split-KV decode
+    (its programs start longest sequence first), and for other steps varlen attention (its decode rows to the decode kernel, longer queries to the
     varlen kernel)."""
 
     name = "triton"
@@ -134,6 +134,18 @@ class TritonBackend(AttentionBackend):
         self._cache_write = fused.KVCacheWrite
         self._varlen = paged_attention.paged_attention_varlen
         self._decode = decode_attention.paged_attention_decode
+        self._longest_first = decode_attention.longest_first
+        self._decode_order: torch.Tensor | None = None
+
+    def begin_step(self, metadata: AttentionMetadata) -> None:
+        """A decode step's sequences by descending KV length, once for every layer's decode kernel."""
+        super().begin_step(metadata)
+        if metadata.is_decode:
+            self._decode_order = self._longest_first(metadata.seq_lens)
+
+    def end_step(self) -> None:
+        super().end_step()
+        self._decode_order = None
 
     def rotate_and_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                          norms: tuple[RMSNorm, RMSNorm] | tuple[()], k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -145,7 +157,7 @@ class TritonBackend(AttentionBackend):
         ctx = self.metadata
         out = torch.empty_like(q)
         if ctx.is_decode:
-            self._decode(q, k_cache, v_cache, out, ctx.seq_lens, ctx.block_tables, scale)
+            self._decode(q, k_cache, v_cache, out, ctx.seq_lens, ctx.block_tables, scale, self._decode_order)
         else:
             self._varlen(q, k_cache, v_cache, out, ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_tables, ctx.max_seqlen_q, scale)
         return out
@@ -166,8 +178,9 @@ class FlashAttnBackend(TritonBackend):
         self._cu_seqlens_k: torch.Tensor | None = None
 
     def begin_step(self, metadata: AttentionMetadata) -> None:
-        """flash-attn's varlen call wants the KV prefix sums too: built here once, not in every layer."""
-        super().begin_step(metadata)
+        """flash-attn's varlen call wants the KV prefix sums too: built here once, not in every layer (the
+        Triton decode kernel's sequence order is not: flash-attn decodes)."""
+        AttentionBackend.begin_step(self, metadata)
         if not metadata.is_decode:
             self._cu_seqlens_k = torch.nn.functional.pad(metadata.seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
 
