@@ -188,7 +188,7 @@ def reference_exponential(seed: int, position: int, token: int) -> float:
     row = lowbias32(lowbias32(seed & MASK32) ^ (seed >> 32))
     row = lowbias32((row + position * 0x9E3779B9) & MASK32)
     bits = lowbias32(row ^ ((token * 0x85EBCA6B) & MASK32))
-    return -math.log(((bits >> 8) + 0.5) / (1 << 24))
+    return -math.log(((bits >> 9) + 0.5) / (1 << 23))
 
 
 def test_seeded_noise_matches_the_reference_hash():
@@ -198,6 +198,18 @@ def test_seeded_noise_matches_the_reference_hash():
     for row, (seed, position) in enumerate(zip(seeds.tolist(), positions.tolist())):
         for token in (0, 1, 777, 2047):
             assert noise[row, token].item() == pytest.approx(reference_exponential(seed, position, token), rel=1e-5, abs=1e-6)
+
+
+def test_the_top_hash_value_draws_the_smallest_exponential_not_zero():
+    """Seed 4503 at position 0 hashes token 541 to the top value of 24 bits. Its draw is about 2**-24, the
+    smallest; a zero (u = (2**24 - 0.5) / 2**24 rounds to 1.0 in float32) made it win at any probability."""
+    row = lowbias32(lowbias32(4503))
+    assert lowbias32(lowbias32(row) ^ ((541 * 0x85EBCA6B) & MASK32)) >> 8 == 2**24 - 1
+    noise = seeded_exponentials(torch.tensor([4503]), torch.tensor([0]), 600)
+    assert noise[0, 541].item() == pytest.approx(2.0**-24, rel=1e-3) and noise.min() == noise[0, 541]
+    logits = torch.zeros(1, 600)
+    logits[0, 541] = -40.0
+    assert Sampler()(logits, seeded(torch.tensor([4503]), torch.tensor([0]))).token_ids.item() != 541
 
 
 @pytest.mark.parametrize("vary", ["seed", "position"])

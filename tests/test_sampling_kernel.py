@@ -134,15 +134,28 @@ def test_one_compiled_variant_serves_every_batch_size(device: torch.device) -> N
     assert before > 0 and compiled() == before
 
 
+@cuda
+def test_the_top_hash_value_is_no_sure_win(device: torch.device) -> None:
+    """Step seed 4503 hashes row 0's token 541 to the top 24-bit value (see test_sampling.py): its noise is the
+    largest Gumbel draw, finite, so a token 1e4 below the rest still loses (a uniform rounded to 1.0 made it +inf)."""
+    from nanovllm.kernels.sampling import sample
+
+    logits = torch.zeros(1, 1000, device=device)
+    logits[0, 541] = -1e4
+    assert sample(logits, torch.ones(1, device=device), 4503).item() != 541
+
+
 def test_the_chunking_tests_pass_in_the_triton_interpreter() -> None:
-    """The reference test (small vocabularies) and the two chunking tests on CPU tensors through Triton's
-    interpreter (fp32 and fp16: it cannot load bf16), so the split and the reduction are checked without a GPU."""
+    """The reference test (small vocabularies), the two chunking tests and the top hash value on CPU tensors through
+    Triton's interpreter (fp32 and fp16: it cannot load bf16), so the split, the reduction and the noise are checked
+    without a GPU (the interpreter takes the accurate log2 for the hardware's approximate one)."""
     pytest.importorskip("triton")
     tests = pathlib.Path(__file__).parent
     code = ("import torch, test_sampling_kernel as t; cpu = torch.device('cpu')\n"
             "for vocab_size in (1000, 4096): t.test_matches_reference(torch.float32, vocab_size, cpu)\n"
             "for dtype in (torch.float32, torch.float16): t.test_every_chunking_picks_the_same_tokens(dtype, cpu)\n"
-            "t.test_sample_splits_rows_by_the_batch_and_the_device(cpu)")
+            "t.test_sample_splits_rows_by_the_batch_and_the_device(cpu)\n"
+            "t.test_the_top_hash_value_is_no_sure_win(cpu)")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tests.parent}{os.pathsep}{tests}"}
     done = subprocess.run([sys.executable, "-c", code], cwd=tests.parent, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -8,6 +8,14 @@ logits, the first index on ties, like ``torch.argmax``. The noise is the counter
 rows are independent, a new step seed gives new noise, and how the vocabulary is split among
 programs does not change it.
 
+The kernel computes that argmax as ``argmax(logits - T ln2 log2(-log2 u))`` (E = -ln u): the score
+above times T > 0, less the row constant T ln(ln2). That needs no division, and T = 0 leaves the
+logits exactly, as the noise term is finite (u is strictly inside (0, 1)). ``-log2 u`` takes the
+accurate log2: it must keep its relative precision for u near 1, the draws that win. The outer
+log2 takes the hardware's approximation (as CUDA's __log2f: absolute error 2**-22 on [0.5, 2],
+2 ulp elsewhere), which moves a score by far less than 1e-4: only near-ties can differ from the
+PyTorch reference.
+
 The work is hashing and logs, not bytes, so one program per row would leave most of the GPU idle
 at decode batch sizes. Each row's vocabulary is split into chunks whose count depends only on the
 batch size, the vocabulary size and the SM count (so the launch is CUDA-graph capturable): a first
@@ -18,6 +26,7 @@ lowest index. The logits are read once.
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from nanovllm.kernels.attention_common import sm_count
 
@@ -27,6 +36,8 @@ from nanovllm.kernels.attention_common import sm_count
 _BLOCK = 1024
 _NUM_WARPS = 4
 _PROGRAMS_PER_SM = 16
+_ONE_LESS_HALF_STEP = tl.constexpr(1.0 - 2.0**-24)
+_TOKEN_MULTIPLIER = tl.constexpr(0x85EBCA6B)
 
 
 @triton.jit
@@ -40,12 +51,20 @@ def _mix32(x):
     return x
 
 
+@triton.jit
+def _uniform(bits):
+    """u = ((bits >> 9) + 0.5) / 2**23 as in `seeded_exponentials`, exactly: the float in [1, 2) with those 23
+    mantissa bits, less 1 - 2**-24."""
+    return ((bits >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - _ONE_LESS_HALF_STEP
+
+
 @triton.jit(do_not_specialize=["seed", "chunk_size", "num_chunks"])
 def _chunk_best_kernel(logits_ptr, temperatures_ptr, best_score_ptr, best_index_ptr, seed, logits_stride, vocab_size,
-                       chunk_size, num_chunks, BLOCK: tl.constexpr):
+                       chunk_size, num_chunks, BLOCK: tl.constexpr, FAST_LOG2: tl.constexpr):
     """Grid: (B, num_chunks). logits: [B, vocab_size] rows with stride logits_stride; temperatures fp32 [B];
     best_score fp32 and best_index int32 [B, num_chunks]. Program (row, c) reads tokens
     [c * chunk_size, min((c + 1) * chunk_size, vocab_size)); chunk_size is a multiple of BLOCK.
+    FAST_LOG2: the outer log2 is the hardware's (compiled kernels only; the interpreter has no libdevice).
 
     Each lane keeps its best (score, index) over the blocks (strict `>`, so its earliest index
     wins a tie); the lanes are then reduced to the highest score at the lowest index. A chunk
@@ -53,9 +72,7 @@ def _chunk_best_kernel(logits_ptr, temperatures_ptr, best_score_ptr, best_index_
     """
     row = tl.program_id(0)
     chunk = tl.program_id(1)
-    temperature = tl.load(temperatures_ptr + row)
-    greedy = temperature == 0.0
-    divisor = tl.where(greedy, 1.0, temperature)
+    noise_scale = tl.load(temperatures_ptr + row) * 0.6931471805599453
     key = _mix32(_mix32(seed.to(tl.uint32)))
     key = _mix32(key + row.to(tl.uint32) * 0x9E3779B9)
     base = logits_ptr + row.to(tl.int64) * logits_stride
@@ -63,19 +80,25 @@ def _chunk_best_kernel(logits_ptr, temperatures_ptr, best_score_ptr, best_index_
     chunk_end = tl.minimum(chunk_start + chunk_size, vocab_size)
     best_score = tl.full([BLOCK], float("-inf"), tl.float32)
     best_index = tl.zeros([BLOCK], tl.int32)
+    # The token hash's multiply, token * 0x85EBCA6B mod 2**32, advanced by a block's worth per block: an add.
+    lanes = tl.arange(0, BLOCK)
+    token_mix = (chunk_start + lanes).to(tl.uint32) * _TOKEN_MULTIPLIER
     # A while loop: Triton 3.6's interpreter cannot take a scalar tensor as a `range` bound under NumPy 2.4.
     start = chunk_start
     while start < chunk_end:
-        offs = start + tl.arange(0, BLOCK)
+        offs = start + lanes
         logits = tl.load(base + offs, mask=offs < chunk_end, other=float("-inf")).to(tl.float32)
-        bits = _mix32(key ^ (offs.to(tl.uint32) * 0x85EBCA6B))
-        uniform = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-        noisy = tl.math.div_rn(logits, divisor) - tl.log(-tl.log(uniform))
-        score = tl.where(greedy, logits, noisy)
+        exponential_log2 = -tl.log2(_uniform(_mix32(key ^ token_mix)))
+        if FAST_LOG2:
+            gumbel_log2 = libdevice.fast_log2f(exponential_log2)
+        else:
+            gumbel_log2 = tl.log2(exponential_log2)
+        score = logits - noise_scale * gumbel_log2
         better = score > best_score
         best_score = tl.where(better, score, best_score)
         best_index = tl.where(better, offs, best_index)
         start += BLOCK
+        token_mix += (BLOCK * _TOKEN_MULTIPLIER) % 2**32
     top = tl.max(best_score, axis=0)
     index = tl.min(tl.where(best_score == top, best_index, vocab_size), axis=0)
     tl.store(best_score_ptr + row * num_chunks + chunk, top)
@@ -117,7 +140,8 @@ def _sample_chunked(logits: torch.Tensor, temperatures: torch.Tensor, seed: int,
         best_score = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=logits.device)
         best_index = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=logits.device)
         _chunk_best_kernel[(num_rows, num_chunks)](logits, temperatures, best_score, best_index, seed, logits.stride(0),
-                                                   vocab_size, chunk_size, num_chunks, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+                                                   vocab_size, chunk_size, num_chunks, BLOCK=_BLOCK, FAST_LOG2=logits.is_cuda,
+                                                   num_warps=_NUM_WARPS)
         max_chunks = triton.cdiv(vocab_size, _BLOCK)
         _pick_kernel[(num_rows,)](best_score, best_index, out, num_chunks, CHUNKS=triton.next_power_of_2(max_chunks), num_warps=1)
     return out

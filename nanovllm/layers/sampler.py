@@ -98,12 +98,15 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def seeded_exponentials(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Exp(1) noise [S, V] that depends only on (seed, position, token id). seeds, positions: int64 [S]."""
+    """Exp(1) noise [S, V] that depends only on (seed, position, token id): -log u with u = (k + 0.5) / 2**23 from the
+    top 23 bits k of the hash, strictly inside (0, 1). seeds, positions: int64 [S]."""
     row = mix32(mix32(seeds & _MASK32) ^ (seeds >> 32))
     row = mix32((row + _mul32(positions & _MASK32, 0x9E3779B9)) & _MASK32)
     token = _mul32(torch.arange(vocab_size, device=seeds.device, dtype=torch.int64), 0x85EBCA6B)
     bits = mix32(row[:, None] ^ token[None, :])
-    uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    # 23 bits, so that k + 0.5 is exact in float32: u is never 1 (24 bits rounded the top value to 1.0,
+    # a zero draw that made its token win whatever its probability, once in 2**24 tokens).
+    uniform = ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
     return -torch.log(uniform)
 
 
