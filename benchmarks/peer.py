@@ -1,8 +1,9 @@
-"""nano-vLLM (the peer, from ../shared/peer staged in .peer/) on one named workload: same requests as bench.py.
+"""nano-vLLM (the peer, from ../shared/peer staged in .peer/) on named workloads: same requests as bench.py.
 
 Run with the peer's package first on PYTHONPATH (benchmarks/run_peer.sh does it), never ours:
     bash benchmarks/run_peer.sh --model DIR --workload short
-Prints one JSON line: {"engine": "nano-vllm", "workload": ..., "tok_per_s": ..., ...}.
+Prints one JSON line per workload: {"engine": "nano-vllm", "workload": ..., "tok_per_s": ..., ...}. Several
+workloads (`--workload nano short`) run one after the other in one engine, paying its start-up once.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from workloads import WORKLOADS, make_workload
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", required=True)
-parser.add_argument("--workload", choices=WORKLOADS, default="nano")
+parser.add_argument("--workload", choices=WORKLOADS, nargs="+", default=["nano"])
 parser.add_argument("--max-model-len", type=int, default=4096)
 parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
 parser.add_argument("--max-num-seqs", type=int, default=512)
@@ -26,12 +27,13 @@ start = time.perf_counter()
 llm = LLM(args.model, max_model_len=args.max_model_len, tensor_parallel_size=args.tp,
           max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
 startup = time.perf_counter() - start
-workload = make_workload(args.workload, llm.model_runner.config.hf_config.vocab_size)
-params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in workload.max_tokens]
-llm.generate(["Benchmark: "], SamplingParams())
-start = time.perf_counter()
-llm.generate(workload.prompts, params, use_tqdm=False)
-elapsed = time.perf_counter() - start
-print(json.dumps({"engine": "nano-vllm", "commit": "bb823b3", "workload": args.workload, "total_tokens": workload.output_tokens,
-                  "seconds": round(elapsed, 3), "tok_per_s": round(workload.output_tokens / elapsed, 1),
-                  "startup_s": round(startup, 1), "tp": args.tp}))
+for name in args.workload:
+    workload = make_workload(name, llm.model_runner.config.hf_config.vocab_size)
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in workload.max_tokens]
+    llm.generate(["Benchmark: "], SamplingParams())
+    start = time.perf_counter()
+    llm.generate(workload.prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    print(json.dumps({"engine": "nano-vllm", "commit": "bb823b3", "workload": name, "total_tokens": workload.output_tokens,
+                      "seconds": round(elapsed, 3), "tok_per_s": round(workload.output_tokens / elapsed, 1),
+                      "startup_s": round(startup, 1), "tp": args.tp}), flush=True)
