@@ -52,7 +52,8 @@ class Config:
         if not os.path.isfile(os.path.join(self.model, "config.json")):
             raise ValueError(f"model folder {self.model!r} has no config.json")
         require_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
-        require_int("max_num_seqs", self.max_num_seqs, 1)
+        # At most 65535: the Triton decode kernel puts a step's sequences on CUDA's grid y axis.
+        require_int("max_num_seqs", self.max_num_seqs, 1, 65535)
         require_int("max_model_len", self.max_model_len, 2)
         require_int("tensor_parallel_size", self.tensor_parallel_size, 1, 8)
         require_int("kvcache_block_size", self.kvcache_block_size, 16)

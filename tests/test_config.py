@@ -22,6 +22,7 @@ BAD_VALUES = [
     (Config, {"max_num_seqs": 0}, ValueError),
     (Config, {"max_num_seqs": None}, TypeError),
     (Config, {"max_num_seqs": 2.5}, TypeError),
+    (Config, {"max_num_seqs": 65536}, ValueError),
     (Config, {"max_model_len": 1}, ValueError),
     (Config, {"max_model_len": 4097}, ValueError),
     (Config, {"max_model_len": "512"}, TypeError),

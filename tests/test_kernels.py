@@ -229,12 +229,21 @@ def test_paged_attention_decode(
 
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     order = longest_first(lens) if ordered else None
-    if ordered:
-        assert sorted(order.tolist()) == list(range(batch)) and lens[order.long()].tolist() == sorted(seq_lens, reverse=True)
     paged_attention_decode(q, k_cache, v_cache, out, lens, block_tables, scale, order)
     ref = _reference(q, k_cache, v_cache, list(range(batch + 1)), seq_lens, block_tables, scale)
     assert not out.isnan().any()
     assert _rel_err(out, ref) <= TOLERANCE[dtype]
+
+
+def test_longest_first_is_a_permutation_by_descending_length() -> None:
+    """The decode kernel's program order: every sequence once (ties and empty padding rows included), longest first."""
+    pytest.importorskip("triton")
+    from nanovllm.kernels.decode_attention import longest_first
+
+    for lens in ([5], [0, 7, 7, 300, 1, 0, 299], list(range(513))):
+        order = longest_first(torch.tensor(lens, dtype=torch.int32))
+        assert order.dtype == torch.int32 and sorted(order.tolist()) == list(range(len(lens)))
+        assert [lens[i] for i in order.tolist()] == sorted(lens, reverse=True)
 
 
 @pytest.mark.cuda

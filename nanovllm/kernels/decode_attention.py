@@ -181,7 +181,8 @@ def launch_decode(
 ) -> None:
     """Launch the split-KV decode kernel (and the merge kernel when num_splits > 1). With
     `cu_seqlens_q` (one split only) the batch is mixed: see the kernel's MIXED mode. With `order`
-    (int32 [batch], a permutation of the sequences) the GPU starts the sequences' programs in that order."""
+    (int32 [batch], a permutation of the sequences) the GPU starts the sequences' programs in that order.
+    batch <= 65535 (grid y; Config caps max_num_seqs there)."""
     batch, num_q_heads, head_dim = seq_lens.shape[0], q.shape[1], q.shape[2]
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads

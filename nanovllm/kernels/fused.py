@@ -172,15 +172,16 @@ def _rope_kernel(
     NORM: tl.constexpr,
     STORE: tl.constexpr,
 ):
-    """RMS-normalise (when NORM) every q and k head of one token, then rotate them: q in place; k in
-    place, or (STORE) into the token's cache slot together with its v.
+    """RMS-normalise (when NORM) the q heads, or the k heads, of one token, then rotate them: q in place;
+    k in place, or (STORE) into the token's cache slot together with its v.
 
     Grid: (N, 2): program (t, 0) does token t's q heads, (t, 1) its k heads (and v). q: [N, NUM_Q_HEADS,
     2 * HALF], k and v: [N, NUM_K_HEADS, 2 * HALF] (contiguous last dims); q_weight, k_weight: [2 * HALF];
-    cos_sin: fp32 [max_positions, 2 * HALF] as [cos | sin]; positions: [N]; with STORE the caches [num_blocks, PAGE, NUM_K_HEADS, 2 * HALF] and slot_mapping [N]
-    (-1: the token's k and v are not stored). Programs take all heads of a token's q or k (a head is only
-    2 * HALF elements, too little work for a program); q and k in separate programs halve the chain of
-    dependent loads and stores a program waits through (at decode batch sizes the kernel is latency-bound).
+    cos_sin: fp32 [max_positions, 2 * HALF] as [cos | sin]; positions: [N]; with STORE the caches
+    [num_blocks, PAGE, NUM_K_HEADS, 2 * HALF] and slot_mapping [N] (-1: the token's k and v are not stored).
+    Programs take all heads of a token's q or k (a head is only 2 * HALF elements, too little work for a
+    program); q and k in separate programs halve the chain of dependent loads and stores a program waits
+    through (at decode batch sizes the kernel is latency-bound).
     """
     token = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)

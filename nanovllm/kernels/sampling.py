@@ -9,7 +9,7 @@ rows are independent, a new step seed gives new noise, and how the vocabulary is
 programs does not change it.
 
 The kernel computes that argmax as ``argmax(logits - T ln2 log2(-log2 u))`` (E = -ln u): the score
-above times T > 0, less the row constant T ln(ln2). That needs no division, and T = 0 leaves the
+above times T > 0, plus the row constant T ln(ln2). That needs no division, and T = 0 leaves the
 logits exactly, as the noise term is finite (u is strictly inside (0, 1)). ``-log2 u`` takes the
 accurate log2: it must keep its relative precision for u near 1, the draws that win. The outer
 log2 takes the hardware's approximation (as CUDA's __log2f: absolute error 2**-22 on [0.5, 2],

@@ -122,10 +122,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
 
 class TritonBackend(AttentionBackend):
     """Our Triton kernels: the rotary kernel stores K/V (no separate store kernel), split-KV decode
-    (its programs start longest sequence first), and for other steps varlen attention (its decode rows to the decode kernel, longer queries to the
-    varlen kernel)."""
+    (its programs start longest sequence first), and for other steps varlen attention (its decode rows
+    to the decode kernel, longer queries to the varlen kernel)."""
 
     name = "triton"
+    orders_decode = True  # begin_step sorts a decode step's sequences for the decode kernel
 
     def __init__(self) -> None:
         super().__init__()
@@ -140,7 +141,7 @@ class TritonBackend(AttentionBackend):
     def begin_step(self, metadata: AttentionMetadata) -> None:
         """A decode step's sequences by descending KV length, once for every layer's decode kernel."""
         super().begin_step(metadata)
-        if metadata.is_decode:
+        if metadata.is_decode and self.orders_decode:
             self._decode_order = self._longest_first(metadata.seq_lens)
 
     def end_step(self) -> None:
@@ -168,6 +169,7 @@ class FlashAttnBackend(TritonBackend):
     built for the device, and kvcache_block_size a multiple of 256."""
 
     name = "flash_attn"
+    orders_decode = False  # flash-attn decodes: no order to build
 
     def __init__(self) -> None:
         super().__init__()
@@ -178,9 +180,8 @@ class FlashAttnBackend(TritonBackend):
         self._cu_seqlens_k: torch.Tensor | None = None
 
     def begin_step(self, metadata: AttentionMetadata) -> None:
-        """flash-attn's varlen call wants the KV prefix sums too: built here once, not in every layer (the
-        Triton decode kernel's sequence order is not: flash-attn decodes)."""
-        AttentionBackend.begin_step(self, metadata)
+        """flash-attn's varlen call wants the KV prefix sums too: built here once, not in every layer."""
+        super().begin_step(metadata)
         if not metadata.is_decode:
             self._cu_seqlens_k = torch.nn.functional.pad(metadata.seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
 
