@@ -30,9 +30,10 @@ from triton.language.extra import libdevice
 
 from nanovllm.kernels.attention_common import sm_count
 
-# Chosen on an H200 (vocab 151936, bf16, 20 launches in a CUDA graph) among 9 settings: the best or
-# tied at every batch; against one program per row: 4.8 / 8.5 / 33.5 / 121.0 / 236.8 us at
-# B = 1 / 8 / 64 / 256 / 512 (was 75.6 / 75.9 / 76.2 / 133.2 / 256.8 us).
+# Chosen on an H200 (vocab 151936, bf16, 20 launches in a CUDA graph) among 9 settings for the earlier
+# per-element math (a division and two accurate logs): the best or tied at every batch; against one program
+# per row: 4.8 / 8.5 / 33.5 / 121.0 / 236.8 us at B = 1 / 8 / 64 / 256 / 512 (was 75.6 / 75.9 / 76.2 / 133.2 /
+# 256.8 us). Not re-tuned for today's cheaper math, which measured 3.6 / 6.3 / 23.8 / 85.7 / 171.0 us with them.
 _BLOCK = 1024
 _NUM_WARPS = 4
 _PROGRAMS_PER_SM = 16
