@@ -117,8 +117,10 @@ VARLEN_CASES = [
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("ordered", [False, True])
 @pytest.mark.parametrize("dtype,block_size,head_dim,group", VARLEN_CASES)
-def test_paged_attention_varlen_mixed(dtype: torch.dtype, block_size: int, head_dim: int, group: int) -> None:
+def test_paged_attention_varlen_mixed(dtype: torch.dtype, block_size: int, head_dim: int, group: int, ordered: bool) -> None:
+    """Unordered, and with the decode rows' programs started longest sequence first."""
     torch.manual_seed(block_size * head_dim + group)
     num_kv_heads = 2
     num_q_heads = num_kv_heads * group
@@ -135,7 +137,7 @@ def test_paged_attention_varlen_mixed(dtype: torch.dtype, block_size: int, head_
         (0, 1),
         (5, 200),
     ]
-    _check_varlen(batch, dtype, block_size, head_dim, num_kv_heads, num_q_heads, padding=3)
+    _check_varlen(batch, dtype, block_size, head_dim, num_kv_heads, num_q_heads, padding=3, ordered=ordered)
 
 
 @pytest.mark.cuda
@@ -145,15 +147,18 @@ def test_paged_attention_varlen_many_sequences() -> None:
     q_lens = torch.randint(0, 5, (300,)).tolist()
     q_lens[-1] = 70
     contexts = torch.randint(0, 40, (300,)).tolist()
-    _check_varlen(list(zip(contexts, q_lens)), torch.float16, 16, 64, num_kv_heads=2, num_q_heads=4, padding=0)
+    _check_varlen(list(zip(contexts, q_lens)), torch.float16, 16, 64, num_kv_heads=2, num_q_heads=4, padding=0, ordered=True)
 
 
 def _check_varlen(
-    batch: list[tuple[int, int]], dtype: torch.dtype, block_size: int, head_dim: int, num_kv_heads: int, num_q_heads: int, padding: int
+    batch: list[tuple[int, int]], dtype: torch.dtype, block_size: int, head_dim: int, num_kv_heads: int, num_q_heads: int, padding: int,
+    ordered: bool,
 ) -> None:
     """Run paged_attention_varlen on `batch` ((cached context, new tokens) per sequence) with `padding`
-    extra query rows after the last token, and compare with the reference; padding rows stay untouched."""
+    extra query rows after the last token, and compare with the reference; padding rows stay untouched.
+    `ordered`: the decode rows' programs start longest sequence first."""
     device = _device(dtype)
+    from nanovllm.kernels.decode_attention import longest_first
     from nanovllm.kernels.paged_attention import paged_attention_varlen
 
     seq_lens = [c + n for c, n in batch]
@@ -165,6 +170,7 @@ def _check_varlen(
     q = _strided_q(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, device)
     out = torch.full((num_tokens, num_q_heads, head_dim), float("nan"), dtype=dtype, device=device)
     scale = head_dim**-0.5
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
 
     paged_attention_varlen(
         q,
@@ -172,10 +178,11 @@ def _check_varlen(
         v_cache,
         out,
         torch.tensor(cu, dtype=torch.int32, device=device),
-        torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        lens,
         block_tables,
         max(n for _, n in batch),
         scale,
+        longest_first(lens) if ordered else None,
     )
     ref = _reference(q, k_cache, v_cache, cu, seq_lens, block_tables, scale)
     assert not out[: cu[-1]].isnan().any()
@@ -242,7 +249,7 @@ def test_longest_first_is_a_permutation_by_descending_length() -> None:
 
     for lens in ([5], [0, 7, 7, 300, 1, 0, 299], list(range(513))):
         order = longest_first(torch.tensor(lens, dtype=torch.int32))
-        assert order.dtype == torch.int32 and sorted(order.tolist()) == list(range(len(lens)))
+        assert order.dtype == torch.int64 and sorted(order.tolist()) == list(range(len(lens)))
         assert [lens[i] for i in order.tolist()] == sorted(lens, reverse=True)
 
 

@@ -51,7 +51,7 @@ def _decode_split_kernel(
     """Attention of one decode token over one KV split, all GROUP heads of a KV head at once.
 
     Grid: (num_kv_heads, batch, NUM_SPLITS); program (h, i, s) serves sequence i, or with ORDERED
-    sequence order[i] (order: int32 [batch], a permutation). The split length is
+    sequence order[i] (order: int64 [batch], a permutation). The split length is
     cdiv(cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N tokens; a split past the end of
     the sequence is empty. With NUM_SPLITS == 1 the normalised result goes straight to
     out; otherwise it goes to part_o [batch, NUM_Q_HEADS, NUM_SPLITS, HEAD_DIM] (fp32,
@@ -181,7 +181,7 @@ def launch_decode(
 ) -> None:
     """Launch the split-KV decode kernel (and the merge kernel when num_splits > 1). With
     `cu_seqlens_q` (one split only) the batch is mixed: see the kernel's MIXED mode. With `order`
-    (int32 [batch], a permutation of the sequences) the GPU starts the sequences' programs in that order.
+    (int64 [batch], a permutation of the sequences) the GPU starts the sequences' programs in that order.
     batch <= 65535 (grid y; Config caps max_num_seqs there)."""
     batch, num_q_heads, head_dim = seq_lens.shape[0], q.shape[1], q.shape[2]
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -287,7 +287,7 @@ def paged_attention_decode(
         seq_lens: int32 [batch], KV length of each sequence including the new token.
         block_tables: int32 [batch, max_blocks_per_seq], -1 padded.
         scale: softmax scale, usually head_dim ** -0.5.
-        order: optional int32 [batch], a permutation of the sequences: their programs start in this
+        order: optional int64 [batch], a permutation of the sequences: their programs start in this
             order. Longest first (`longest_first`) keeps a long sequence from starting last and
             running alone at the end of the kernel when the batch fills only a few waves of programs.
     """
@@ -297,8 +297,7 @@ def paged_attention_decode(
         raise ValueError(f"seq_lens must be int32 [{batch}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
     if block_tables.shape[0] != batch:
         raise ValueError(f"block_tables has {block_tables.shape[0]} rows for batch {batch}")
-    if order is not None and (order.shape != (batch,) or order.dtype != torch.int32):
-        raise ValueError(f"order must be int32 [{batch}], got {order.dtype} {tuple(order.shape)}")
+    check_order(order, batch)
     if batch == 0:
         return
     block_n, num_warps = decode_tile(q)
@@ -307,6 +306,13 @@ def paged_attention_decode(
 
 
 def longest_first(seq_lens: torch.Tensor) -> torch.Tensor:
-    """The `order` argument of `paged_attention_decode`: sequences by descending KV length (int32 [batch]).
-    On the device, no host sync (a CUDA graph captures it); build it once per step, not per layer."""
-    return torch.argsort(seq_lens, descending=True).to(torch.int32)
+    """The `order` argument of `paged_attention_decode` and `paged_attention_varlen`: sequences by descending
+    KV length (int64 [batch], argsort's own dtype: no cast kernel). On the device, no host sync (a CUDA graph
+    captures it); build it once per step, not per layer."""
+    return torch.argsort(seq_lens, descending=True)
+
+
+def check_order(order: torch.Tensor | None, batch: int) -> None:
+    """An `order` argument is None or int64 [batch]."""
+    if order is not None and (order.shape != (batch,) or order.dtype != torch.int64):
+        raise ValueError(f"order must be int64 [{batch}], got {order.dtype} {tuple(order.shape)}")

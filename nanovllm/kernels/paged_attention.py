@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.attention_common import LOG2E, check_cache_and_q, dot_precision, kv_tile_offsets
-from nanovllm.kernels.decode_attention import decode_tile, launch_decode
+from nanovllm.kernels.decode_attention import check_order, decode_tile, launch_decode
 
 
 # Integer arguments that change from step to step are not specialised (Triton would compile a
@@ -216,6 +216,7 @@ def paged_attention_varlen(
     block_tables: torch.Tensor,
     max_seqlen_q: int,
     scale: float,
+    decode_order: torch.Tensor | None = None,
 ) -> None:
     """Causal attention of new query tokens over the paged KV cache (prefill/prefix/chunk/decode mix).
 
@@ -238,6 +239,9 @@ def paged_attention_varlen(
         block_tables: int32 [batch, max_blocks_per_seq], -1 padded.
         max_seqlen_q: an upper bound of the query lengths (host int, used for tiling only).
         scale: softmax scale, usually head_dim ** -0.5.
+        decode_order: optional int64 [batch], a permutation of the sequences: the decode kernel's
+            programs start in this order (`decode_attention.longest_first`; sequences of other query
+            lengths exit at once wherever they fall).
     """
     check_cache_and_q(q, k_cache, v_cache, out, block_tables)
     num_seqs = seq_lens.shape[0]
@@ -251,10 +255,11 @@ def paged_attention_varlen(
         raise ValueError(f"block_tables has {block_tables.shape[0]} rows for {num_seqs} sequences")
     if max_seqlen_q < 1:
         raise ValueError(f"max_seqlen_q must be >= 1, got {max_seqlen_q}")
+    check_order(decode_order, num_seqs)
     if num_seqs == 0 or q.shape[0] == 0:
         return
     decode_block_n, decode_warps = decode_tile(q)
-    launch_decode(q, k_cache, v_cache, out, seq_lens, block_tables, scale, 1, decode_block_n, decode_warps, 2, cu_seqlens_q)
+    launch_decode(q, k_cache, v_cache, out, seq_lens, block_tables, scale, 1, decode_block_n, decode_warps, 2, cu_seqlens_q, decode_order)
     # The varlen kernel (sequences of two or more query tokens), its tile chosen from static facts.
     group_pad = triton.next_power_of_2(q.shape[1] // k_cache.shape[2])
     if q.dtype == torch.float32:

@@ -121,12 +121,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
 
 
 class TritonBackend(AttentionBackend):
-    """Our Triton kernels: the rotary kernel stores K/V (no separate store kernel), split-KV decode
-    (its programs start longest sequence first), and for other steps varlen attention (its decode rows
-    to the decode kernel, longer queries to the varlen kernel)."""
+    """Our Triton kernels: the rotary kernel stores K/V (no separate store kernel), split-KV decode, and
+    for other steps varlen attention (its decode rows to the decode kernel, longer queries to the varlen
+    kernel). The decode kernel's programs start longest sequence first in every step."""
 
     name = "triton"
-    orders_decode = True  # begin_step sorts a decode step's sequences for the decode kernel
+    orders_decode = True  # begin_step sorts the step's sequences for the decode kernel
 
     def __init__(self) -> None:
         super().__init__()
@@ -139,9 +139,10 @@ class TritonBackend(AttentionBackend):
         self._decode_order: torch.Tensor | None = None
 
     def begin_step(self, metadata: AttentionMetadata) -> None:
-        """A decode step's sequences by descending KV length, once for every layer's decode kernel."""
+        """The step's sequences by descending KV length, once for every layer's decode kernel (a decode
+        step's and the decode rows of a mixed step alike)."""
         super().begin_step(metadata)
-        if metadata.is_decode and self.orders_decode:
+        if self.orders_decode:
             self._decode_order = self._longest_first(metadata.seq_lens)
 
     def end_step(self) -> None:
@@ -160,7 +161,8 @@ class TritonBackend(AttentionBackend):
         if ctx.is_decode:
             self._decode(q, k_cache, v_cache, out, ctx.seq_lens, ctx.block_tables, scale, self._decode_order)
         else:
-            self._varlen(q, k_cache, v_cache, out, ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_tables, ctx.max_seqlen_q, scale)
+            self._varlen(q, k_cache, v_cache, out, ctx.cu_seqlens_q, ctx.seq_lens, ctx.block_tables, ctx.max_seqlen_q, scale,
+                         self._decode_order)
         return out
 
 
