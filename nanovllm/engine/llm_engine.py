@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from nanovllm.config import Config
 from nanovllm.engine.detokenizer import add_all, find_stop
 from nanovllm.engine.model_runner import ModelRunner, StepHandle, run_worker
-from nanovllm.engine.requests import Completion, LogprobEntries, Prompt, Request, load_tokenizer, tokenize
+from nanovllm.engine.requests import Completion, LogprobEntries, Prompt, Request, load_tokenizer, validate_requests
 from nanovllm.engine.rpc import Workers
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
@@ -110,53 +110,11 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------
 
-    def _check_params(self, params: object) -> SamplingParams:
-        """Check what SamplingParams cannot know alone: n against max_num_seqs, token ids and logprobs against
-        the vocabulary, and that text-based settings have a tokenizer."""
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        if params.n > self.config.max_num_seqs:
-            raise ValueError(f"n must be <= max_num_seqs={self.config.max_num_seqs} (a request's continuations decode together), got {params.n}")
-        vocab = self.config.hf_config.vocab_size
-        for name, token_ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ())):
-            for token_id in token_ids:
-                if token_id >= vocab:
-                    raise ValueError(f"{name} entry {token_id} is outside the vocabulary [0, {vocab})")
-        for name in ("logprobs", "prompt_logprobs"):
-            if (k := getattr(params, name)) is not None and k > vocab:
-                raise ValueError(f"{name} must be <= the vocabulary size {vocab}, got {k}")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this LLM was created with skip_tokenizer_init=True (use stop_token_ids)")
-        return params
-
     def validate(self, prompts: object, sampling_params: object) -> list[tuple[Prompt, list[int], SamplingParams]]:
-        """Tokenize and check every request without queueing any, so a bad one leaves the engine untouched.
-
-        `sampling_params`: one SamplingParams for all prompts, a list of one per prompt, or None (the
-        checkpoint's defaults). Returns (prompt, token ids, params) per prompt, in order. Raises TypeError
-        for a prompt or params of the wrong type, ValueError for a bad value (e.g. an empty prompt, a token id or
-        logprobs count outside the vocabulary, a prompt not shorter than max_model_len, stop strings without
-        a tokenizer, a params list of another length), RuntimeError once the engine has been shut down."""
+        """Tokenize and check every request without queueing any, so a bad one leaves the engine untouched
+        (`requests.validate_requests`: what it accepts and raises). RuntimeError once the engine is shut down."""
         self._check_open()
-        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
-            raise TypeError(f"prompts must be a list of str or a list of token-id lists, got {type(prompts).__name__}")
-        if sampling_params is None:
-            sampling_params = self.default_sampling_params
-        if isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params] * len(prompts)
-        elif not isinstance(sampling_params, (list, tuple)):
-            raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got {type(sampling_params).__name__}")
-        if len(sampling_params) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling params")
-        params_list = [self._check_params(params) for params in sampling_params]
-        token_lists = [tokenize(self.tokenizer, prompt, self.config.hf_config.vocab_size) for prompt in prompts]
-        for token_ids in token_lists:
-            if len(token_ids) >= self.config.max_model_len:
-                raise ValueError(
-                    f"prompt has {len(token_ids)} tokens; it must be shorter than max_model_len={self.config.max_model_len} "
-                    "to leave room for at least one generated token"
-                )
-        return list(zip(prompts, token_lists, params_list))
+        return validate_requests(prompts, sampling_params, self.default_sampling_params, self.config, self.tokenizer)
 
     def _enqueue(self, prompt: Prompt, token_ids: list[int], params: SamplingParams, index: int, stream: bool,
                  outbox: deque[StreamChunk] | None = None) -> Request:

@@ -1,5 +1,6 @@
 """Engine-side state of a request between add and output: its n completions, their text and logprobs,
-and the chunks waiting for the caller that owns it. Also: loading the tokenizer and tokenizing prompts."""
+and the chunks waiting for the caller that owns it. Also: loading the tokenizer, and tokenizing and checking
+a batch of requests before any is queued."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ from numbers import Integral
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from nanovllm.config import Config
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampler import SamplerOutput
@@ -57,6 +59,56 @@ def tokenize(tokenizer: PreTrainedTokenizerBase | None, prompt: object, vocab_si
         if not 0 <= token_id < vocab_size:
             raise ValueError(f"token id {token_id} is outside the vocabulary [0, {vocab_size})")
     return [int(token_id) for token_id in prompt]
+
+
+def check_params(params: object, config: Config, has_tokenizer: bool) -> SamplingParams:
+    """Check what SamplingParams cannot know alone: n against max_num_seqs, token ids and logprobs against
+    the vocabulary, and that text-based settings have a tokenizer."""
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+    if params.n > config.max_num_seqs:
+        raise ValueError(f"n must be <= max_num_seqs={config.max_num_seqs} (a request's continuations decode together), got {params.n}")
+    vocab = config.hf_config.vocab_size
+    for name, token_ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ())):
+        for token_id in token_ids:
+            if token_id >= vocab:
+                raise ValueError(f"{name} entry {token_id} is outside the vocabulary [0, {vocab})")
+    for name in ("logprobs", "prompt_logprobs"):
+        if (k := getattr(params, name)) is not None and k > vocab:
+            raise ValueError(f"{name} must be <= the vocabulary size {vocab}, got {k}")
+    if params.stop and not has_tokenizer:
+        raise ValueError("stop strings need a tokenizer; this LLM was created with skip_tokenizer_init=True (use stop_token_ids)")
+    return params
+
+
+def validate_requests(prompts: object, sampling_params: object, defaults: SamplingParams, config: Config,
+                      tokenizer: PreTrainedTokenizerBase | None) -> list[tuple[Prompt, list[int], SamplingParams]]:
+    """Tokenize and check a batch of requests as a whole (nothing is queued here).
+
+    `sampling_params`: one SamplingParams for all prompts, a list of one per prompt, or None (`defaults`,
+    the checkpoint's). Returns (prompt, token ids, params) per prompt, in order. Raises TypeError for a
+    prompt or params of the wrong type, ValueError for a bad value (e.g. an empty prompt, a token id or
+    logprobs count outside the vocabulary, a prompt not shorter than max_model_len, stop strings without
+    a tokenizer, a params list of another length)."""
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a list of str or a list of token-id lists, got {type(prompts).__name__}")
+    if sampling_params is None:
+        sampling_params = defaults
+    if isinstance(sampling_params, SamplingParams):
+        sampling_params = [sampling_params] * len(prompts)
+    elif not isinstance(sampling_params, (list, tuple)):
+        raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got {type(sampling_params).__name__}")
+    if len(sampling_params) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling params")
+    params_list = [check_params(params, config, tokenizer is not None) for params in sampling_params]
+    token_lists = [tokenize(tokenizer, prompt, config.hf_config.vocab_size) for prompt in prompts]
+    for token_ids in token_lists:
+        if len(token_ids) >= config.max_model_len:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens; it must be shorter than max_model_len={config.max_model_len} "
+                "to leave room for at least one generated token"
+            )
+    return list(zip(prompts, token_lists, params_list))
 
 
 class Completion:
