@@ -10,11 +10,13 @@ programs does not change it.
 
 The kernel computes that argmax as ``argmax(logits - T ln2 log2(-log2 u))`` (E = -ln u): the score
 above times T > 0, plus the row constant T ln(ln2). That needs no division, and T = 0 leaves the
-logits exactly, as the noise term is finite (u is strictly inside (0, 1)). ``-log2 u`` takes the
-accurate log2: it must keep its relative precision for u near 1, the draws that win. The outer
-log2 takes the hardware's approximation (as CUDA's __log2f: absolute error 2**-22 on [0.5, 2],
-2 ulp elsewhere), which moves a score by far less than 1e-4: only near-ties can differ from the
-PyTorch reference.
+logits exactly, as the noise term is finite (u is strictly inside (0, 1)). ``-log2 u`` must keep its
+relative precision for u near 1, the draws that win: within 2**-7 of 1 it is the series of
+``-log2(1 - w)`` in ``w = 1 - u`` (exact in fp32), elsewhere the hardware's log2 of u; both logs take
+the hardware's approximation (as CUDA's __log2f: absolute error 2**-22 on [0.5, 2], 2 ulp elsewhere).
+E is then within a relative 1.4e-5 of the exact draw (checked over all 2**23 values of u), which moves
+a score by less than 2e-5: only near-ties can differ from the PyTorch reference. (The accurate log2 of
+u, ~20 instructions an element, was most of the kernel's arithmetic.)
 
 The work is hashing and logs, not bytes, so one program per row would leave most of the GPU idle
 at decode batch sizes. Each row's vocabulary is split into chunks whose count depends only on the
@@ -33,7 +35,9 @@ from nanovllm.kernels.attention_common import sm_count
 # Chosen on an H200 (vocab 151936, bf16, 20 launches in a CUDA graph) among 9 settings for the earlier
 # per-element math (a division and two accurate logs): the best or tied at every batch; against one program
 # per row: 4.8 / 8.5 / 33.5 / 121.0 / 236.8 us at B = 1 / 8 / 64 / 256 / 512 (was 75.6 / 75.9 / 76.2 / 133.2 /
-# 256.8 us). Not re-tuned for today's cheaper math, which measured 3.6 / 6.3 / 23.8 / 85.7 / 171.0 us with them.
+# 256.8 us). Not re-tuned for today's math (hardware logs and the series), which measured 3.3 / 5.1 / 18.0 /
+# 34.8 / 65.8 / 133.5 us at B = 1 / 8 / 64 / 128 / 256 / 512 with them (the accurate log2 of u: 3.6 / 6.0 /
+# 23.4 / 46.2 / 86.1 / 172.9 us, same device call).
 _BLOCK = 1024
 _NUM_WARPS = 4
 _PROGRAMS_PER_SM = 16
@@ -59,13 +63,25 @@ def _uniform(bits):
     return ((bits >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - _ONE_LESS_HALF_STEP
 
 
+@triton.jit
+def _exponential_log2(bits, FAST_LOG2: tl.constexpr):
+    """-log2 u of u = `_uniform(bits)`: with FAST_LOG2 from the series -log2(1 - w) = (w + w^2/2 + w^3/3 + ...) / ln2
+    in w = 1 - u where w < 2**-7 (truncation error below 2**-23 relative), else from the hardware's log2 of u
+    (absolute error 2**-22 on a value above 0.011); without it the accurate log2."""
+    if FAST_LOG2:
+        w = ((0x7FFFFF - (bits >> 9)).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23: 1 - u, exact
+        series = w * (1.4426950408889634 + w * (0.7213475204444817 + w * 0.48089834696298783))
+        return tl.where(w < 0.0078125, series, -libdevice.fast_log2f(1.0 - w))
+    return -tl.log2(_uniform(bits))
+
+
 @triton.jit(do_not_specialize=["seed", "chunk_size", "num_chunks"])
 def _chunk_best_kernel(logits_ptr, temperatures_ptr, best_score_ptr, best_index_ptr, seed, logits_stride, vocab_size,
                        chunk_size, num_chunks, BLOCK: tl.constexpr, FAST_LOG2: tl.constexpr):
     """Grid: (B, num_chunks). logits: [B, vocab_size] rows with stride logits_stride; temperatures fp32 [B];
     best_score fp32 and best_index int32 [B, num_chunks]. Program (row, c) reads tokens
     [c * chunk_size, min((c + 1) * chunk_size, vocab_size)); chunk_size is a multiple of BLOCK.
-    FAST_LOG2: the outer log2 is the hardware's (compiled kernels only; the interpreter has no libdevice).
+    FAST_LOG2: the logs are the hardware's (compiled kernels only; the interpreter has no libdevice).
 
     Each lane keeps its best (score, index) over the blocks (strict `>`, so its earliest index
     wins a tie); the lanes are then reduced to the highest score at the lowest index. A chunk
@@ -89,7 +105,7 @@ def _chunk_best_kernel(logits_ptr, temperatures_ptr, best_score_ptr, best_index_
     while start < chunk_end:
         offs = start + lanes
         logits = tl.load(base + offs, mask=offs < chunk_end, other=float("-inf")).to(tl.float32)
-        exponential_log2 = -tl.log2(_uniform(_mix32(key ^ token_mix)))
+        exponential_log2 = _exponential_log2(_mix32(key ^ token_mix), FAST_LOG2)
         if FAST_LOG2:
             gumbel_log2 = libdevice.fast_log2f(exponential_log2)
         else:
