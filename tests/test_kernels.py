@@ -242,6 +242,61 @@ def test_paged_attention_decode(
     assert _rel_err(out, ref) <= TOLERANCE[dtype]
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("with_norm", [True, False])
+@pytest.mark.parametrize("dtype,block_size,head_dim,num_kv_heads,group,batch,max_context", DECODE_CASES)
+def test_paged_attention_decode_rotates_and_stores(
+    dtype: torch.dtype, block_size: int, head_dim: int, num_kv_heads: int, group: int, batch: int, max_context: int, with_norm: bool
+) -> None:
+    """With a DecodeRotary the kernel does the rotary kernel's work: q and k as projected are (normed and) rotated,
+    k and v land in the new token's slot, and the attention reads them there. The new tokens' slots start as
+    NaN, so reading the slot before the store (or any other stale value) shows in the output."""
+    device = _device(dtype)
+    from nanovllm.kernels.decode_attention import DecodeRotary, longest_first, paged_attention_decode
+    from nanovllm.layers.layernorm import RMSNorm
+    from nanovllm.layers.rotary_embedding import RotaryEmbedding, inv_freq_and_scale
+
+    torch.manual_seed(batch * block_size + head_dim + group + with_norm)
+    num_q_heads = num_kv_heads * group
+    seq_lens = _decode_lens(batch, max_context, block_size)
+    k_cache, v_cache, block_tables = _paged_cache(seq_lens, block_size, num_kv_heads, head_dim, dtype, device)
+    slots = [-1 if n == 0 else block_tables[b, (n - 1) // block_size].item() * block_size + (n - 1) % block_size
+             for b, n in enumerate(seq_lens)]
+    new_slots = torch.tensor([s for s in slots if s >= 0], device=device)
+    k_cache.view(-1, num_kv_heads, head_dim)[new_slots] = float("nan")
+    v_cache.view(-1, num_kv_heads, head_dim)[new_slots] = float("nan")
+    q_size, kv_size = num_q_heads * head_dim, num_kv_heads * head_dim
+    qkv = torch.randn(batch, q_size + 2 * kv_size, device=device).to(dtype)
+    q, k, v = (x.view(batch, -1, head_dim) for x in qkv.split([q_size, kv_size, kv_size], dim=-1))
+    positions = torch.tensor([max(n - 1, 0) for n in seq_lens], device=device)
+    rope = RotaryEmbedding(inv_freq_and_scale(head_dim, {"rope_type": "default", "rope_theta": 1e6}, 4096, 4096)[0], 4096).to(device)
+    norms = [RMSNorm(head_dim, eps=1e-6).to(device=device, dtype=dtype) for _ in range(2)] if with_norm else []
+    for norm in norms:
+        norm.weight.data = (1 + 0.5 * torch.randn(head_dim, device=device)).to(dtype)
+    ref_q, ref_k = rope(positions, norms[0].forward_native(q), norms[1].forward_native(k)) if with_norm else rope(positions, q, k)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    stored = torch.tensor(slots, device=device) >= 0
+    expected_k.view(-1, num_kv_heads, head_dim)[new_slots] = ref_k[stored]
+    expected_v.view(-1, num_kv_heads, head_dim)[new_slots] = v[stored]
+    qkv_before = qkv.clone()
+    out = torch.full((batch, num_q_heads, head_dim), float("nan"), dtype=dtype, device=device)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    weights = (norms[0].weight, norms[1].weight, norms[0].eps) if with_norm else ()
+    rotary = DecodeRotary(k, v, torch.tensor(slots, dtype=torch.int32, device=device), rope.cos_sin, *weights)
+    paged_attention_decode(q, k_cache, v_cache, out, lens, block_tables, head_dim**-0.5, longest_first(lens), rotary)
+
+    ref = _reference(ref_q, expected_k, expected_v, list(range(batch + 1)), seq_lens, block_tables, head_dim**-0.5)
+    assert not out.isnan().any()
+    assert _rel_err(out, ref) <= TOLERANCE[dtype]
+    assert torch.equal(qkv, qkv_before)
+    assert torch.allclose(v_cache, expected_v, rtol=0, atol=0, equal_nan=True)
+    others = torch.ones(k_cache.shape[0] * block_size, dtype=torch.bool, device=device)
+    others[new_slots] = False
+    flat_k, flat_expected = k_cache.view(-1, num_kv_heads, head_dim), expected_k.view(-1, num_kv_heads, head_dim)
+    assert torch.allclose(flat_k[others], flat_expected[others], rtol=0, atol=0, equal_nan=True)
+    assert _rel_err(flat_k[new_slots], flat_expected[new_slots]) <= TOLERANCE[dtype]
+
+
 def test_longest_first_is_a_permutation_by_descending_length() -> None:
     """The decode kernel's program order: every sequence once (ties and empty padding rows included), longest first."""
     pytest.importorskip("triton")

@@ -8,12 +8,31 @@ CUDA graph. In its mixed mode the kernel serves the single-token sequences of a 
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from nanovllm.kernels.attention_common import LOG2E, check_cache_and_q, dot_precision, kv_tile_offsets, sm_count
+from nanovllm.kernels.fused import KVCacheWrite, check_rope_args, norm_rotate
+
+
+class DecodeRotary(NamedTuple):
+    """The rotary kernel's work (`fused.qk_norm_rope` with a cache write), for `paged_attention_decode` to do
+    itself: one kernel fewer per layer. q and k are RMS-normalised per head (when the weights are given) and
+    rotated at the new token's position, seq_len - 1; k and v are stored at slot_mapping. k, v: [batch,
+    num_kv_heads, head_dim] as projected (left unchanged), contiguous last dim; slot_mapping: int32/int64
+    [batch] (-1: not stored); cos_sin: fp32 [max_positions, head_dim] as [cos | sin] (max_positions >= every
+    seq_len); q_weight, k_weight: [head_dim] of q's dtype, or None (rotation only); eps: the norms' epsilon."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    slot_mapping: torch.Tensor
+    cos_sin: torch.Tensor
+    q_weight: torch.Tensor | None = None
+    k_weight: torch.Tensor | None = None
+    eps: float = 0.0
 
 
 @triton.jit(do_not_specialize=["bt_stride"])
@@ -28,7 +47,14 @@ def _decode_split_kernel(
     seq_lens_ptr,
     block_tables_ptr,
     order_ptr,
+    k_new_ptr,
+    v_new_ptr,
+    slot_mapping_ptr,
+    cos_sin_ptr,
+    q_weight_ptr,
+    k_weight_ptr,
     scale_log2,
+    eps,
     q_stride_b,
     q_stride_h,
     o_stride_b,
@@ -37,6 +63,11 @@ def _decode_split_kernel(
     cache_stride_token,
     cache_stride_head,
     bt_stride,
+    k_new_stride_b,
+    k_new_stride_h,
+    v_new_stride_b,
+    v_new_stride_h,
+    cos_sin_stride,
     NUM_Q_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -47,6 +78,8 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     MIXED: tl.constexpr,
     ORDERED: tl.constexpr,
+    ROTATE: tl.constexpr,
+    NORM: tl.constexpr,
 ):
     """Attention of one decode token over one KV split, all GROUP heads of a KV head at once.
 
@@ -63,6 +96,12 @@ def _decode_split_kernel(
     MIXED (NUM_SPLITS == 1 only): a batch of sequences with any query lengths, token rows given by
     cu_seqlens_q int32 [batch + 1]; a program serves its sequence only if it has exactly one query
     token (row cu_seqlens_q[seq]) and exits otherwise.
+    ROTATE (not with MIXED): q holds the heads as projected; the program normalises (NORM, with
+    q_weight and eps) and rotates its GROUP heads in registers, at position seq_len - 1 through cos_sin
+    (fp32 rows [cos | sin]); the program whose split ends the sequence does the same to the KV head of
+    k_new [batch, num_kv_heads, HEAD_DIM] (k_weight) and stores it with v_new's at slot_mapping[seq]
+    (none when -1), then reads it back from the cache like any other position: bar.sync makes the
+    CTA's stores visible to all its threads.
     """
     kv_head = tl.program_id(0)
     seq = tl.program_id(1)
@@ -88,11 +127,25 @@ def _decode_split_kernel(
     head = kv_head * GROUP + offs_g
     seq64 = seq.to(tl.int64)
 
-    q = tl.load(
-        q_ptr + row * q_stride_b + head[:, None] * q_stride_h + offs_d[None, :],
-        mask=group_valid[:, None],
-        other=0.0,
-    )
+    if ROTATE:
+        cos_sin_row = cos_sin_ptr + tl.maximum(seq_len - 1, 0).to(tl.int64) * cos_sin_stride
+        q = norm_rotate(q_ptr + row * q_stride_b + kv_head * GROUP * q_stride_h, q_stride_h, q_weight_ptr, cos_sin_row, eps, GROUP, HEAD_DIM,
+                        HEAD_DIM, BLOCK_G, NORM).to(q_ptr.dtype.element_ty)
+        slot = tl.load(slot_mapping_ptr + seq).to(tl.int64)
+        if (start < end) & (end == seq_len) & (slot >= 0):
+            cache_off = (slot // PAGE) * cache_stride_block + (slot % PAGE) * cache_stride_token + kv_head.to(tl.int64) * cache_stride_head
+            v = tl.load(v_new_ptr + seq64 * v_new_stride_b + kv_head * v_new_stride_h + offs_d)
+            k = norm_rotate(k_new_ptr + seq64 * k_new_stride_b + kv_head * k_new_stride_h, k_new_stride_h, k_weight_ptr, cos_sin_row, eps, 1,
+                            HEAD_DIM, HEAD_DIM, 1, NORM)
+            tl.store(k_cache_ptr + cache_off + offs_d[None, :], k.to(k_cache_ptr.dtype.element_ty))
+            tl.store(v_cache_ptr + cache_off + offs_d, v)
+        tl.debug_barrier()
+    else:
+        q = tl.load(
+            q_ptr + row * q_stride_b + head[:, None] * q_stride_h + offs_d[None, :],
+            mask=group_valid[:, None],
+            other=0.0,
+        )
 
     bt_row = block_tables_ptr + seq64 * bt_stride
     head_off = kv_head.to(tl.int64) * cache_stride_head
@@ -178,10 +231,12 @@ def launch_decode(
     num_stages: int,
     cu_seqlens_q: torch.Tensor | None = None,
     order: torch.Tensor | None = None,
+    rotary: DecodeRotary | None = None,
 ) -> None:
     """Launch the split-KV decode kernel (and the merge kernel when num_splits > 1). With
     `cu_seqlens_q` (one split only) the batch is mixed: see the kernel's MIXED mode. With `order`
     (int64 [batch], a permutation of the sequences) the GPU starts the sequences' programs in that order.
+    With `rotary` (not mixed) the kernel rotates q and k and stores K/V itself (its ROTATE mode).
     batch <= 65535 (grid y; Config caps max_num_seqs there)."""
     batch, num_q_heads, head_dim = seq_lens.shape[0], q.shape[1], q.shape[2]
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -192,6 +247,8 @@ def launch_decode(
     else:
         part_o = out
         part_lse = out
+    unused = seq_lens  # any tensor, for the pointers a mode does not read
+    k_new, v_new, slot_mapping, cos_sin, q_weight, k_weight, eps = rotary or (q, q, unused, unused, None, None, 0.0)
     _decode_split_kernel[(num_kv_heads, batch, num_splits)](
         q,
         k_cache,
@@ -202,8 +259,15 @@ def launch_decode(
         seq_lens if cu_seqlens_q is None else cu_seqlens_q,
         seq_lens,
         block_tables,
-        seq_lens if order is None else order,
+        unused if order is None else order,
+        k_new,
+        v_new,
+        slot_mapping,
+        cos_sin,
+        unused if q_weight is None else q_weight.contiguous(),
+        unused if k_weight is None else k_weight.contiguous(),
         scale * LOG2E,
+        eps,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -212,6 +276,11 @@ def launch_decode(
         k_cache.stride(1),
         k_cache.stride(2),
         block_tables.stride(0),
+        k_new.stride(0),
+        k_new.stride(1),
+        v_new.stride(0),
+        v_new.stride(1),
+        cos_sin.stride(0),
         NUM_Q_HEADS=num_q_heads,
         GROUP=group,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
@@ -222,6 +291,8 @@ def launch_decode(
         DOT_PRECISION=dot_precision(q.dtype),
         MIXED=cu_seqlens_q is not None,
         ORDERED=order is not None,
+        ROTATE=rotary is not None,
+        NORM=q_weight is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -271,10 +342,11 @@ def paged_attention_decode(
     block_tables: torch.Tensor,
     scale: float,
     order: torch.Tensor | None = None,
+    rotary: DecodeRotary | None = None,
 ) -> None:
     """Attention of one new token per sequence over its paged KV (split-KV flash decoding).
 
-    The K/V of the new token must already be in the cache. CUDA-graph capturable: no host
+    The K/V of the new token must already be in the cache, or be given by `rotary`. CUDA-graph capturable: no host
     sync, and the launch configuration depends only on shapes, the block size and the SM
     count. A sequence with seq_len 0 gets zeros.
 
@@ -290,8 +362,13 @@ def paged_attention_decode(
         order: optional int64 [batch], a permutation of the sequences: their programs start in this
             order. Longest first (`longest_first`) keeps a long sequence from starting last and
             running alone at the end of the kernel when the batch fills only a few waves of programs.
+        rotary: optional; q is then as projected, and the kernel normalises and rotates q and k and stores
+            K/V before it reads them (`DecodeRotary`), instead of `fused.qk_norm_rope` before it.
     """
     check_cache_and_q(q, k_cache, v_cache, out, block_tables)
+    if rotary is not None:  # seq_lens stand for the positions: the new token's is seq_len - 1
+        check_rope_args(q, rotary.k, rotary.cos_sin, seq_lens, rotary.q_weight, rotary.k_weight,
+                        KVCacheWrite(rotary.v, k_cache, v_cache, rotary.slot_mapping))
     batch = q.shape[0]
     if seq_lens.shape != (batch,) or seq_lens.dtype != torch.int32:
         raise ValueError(f"seq_lens must be int32 [{batch}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
@@ -302,7 +379,7 @@ def paged_attention_decode(
         return
     block_n, num_warps = decode_tile(q)
     num_splits = _decode_num_splits(batch, k_cache.shape[2], block_tables.shape[1] * k_cache.shape[1], q.device)
-    launch_decode(q, k_cache, v_cache, out, seq_lens, block_tables, scale, num_splits, block_n, num_warps, 2, order=order)
+    launch_decode(q, k_cache, v_cache, out, seq_lens, block_tables, scale, num_splits, block_n, num_warps, 2, order=order, rotary=rotary)
 
 
 def longest_first(seq_lens: torch.Tensor) -> torch.Tensor:

@@ -116,27 +116,52 @@ class KVCacheWrite(NamedTuple):
 
 
 @triton.jit
-def _norm_rope_heads(x_ptr, stride_h, out_ptr, out_stride_h, weight_ptr, cos, sin, eps, NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
-                     BLOCK: tl.constexpr, BLOCK_H: tl.constexpr, NORM: tl.constexpr):
-    """RMS-normalise (when NORM) and rotate the NUM_HEADS heads of one token starting at x_ptr (head h at
-    x_ptr + h * stride_h), writing head h to out_ptr + h * out_stride_h (may be x_ptr: in place);
-    cos and sin: fp32 [BLOCK] for the token's position."""
+def norm_rotate(x_ptr, stride_h, weight_ptr, cos_sin_ptr, eps, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_H: tl.constexpr, NORM: tl.constexpr):
+    """The NUM_HEADS heads of one token starting at x_ptr (head h at x_ptr + h * stride_h), RMS-normalised (when
+    NORM, with weight and eps) and rotated at the position whose [cos | sin] row starts at cos_sin_ptr: [BLOCK_H,
+    BLOCK_D] fp32 holding values of x's dtype (rows >= NUM_HEADS and columns >= HEAD_DIM are zeros).
+
+    Each element is computed from itself and its partner in the other half (loaded again in the partner's
+    order), so the heads come out whole, in the layout a `tl.dot` takes; a caller writing them back in place
+    must put a barrier between this and its store (a partner may belong to another warp's thread)."""
     dtype = x_ptr.dtype.element_ty
-    heads = tl.arange(0, BLOCK_H)
-    offs = tl.arange(0, BLOCK)
-    mask = (heads[:, None] < NUM_HEADS) & (offs[None, :] < HALF)
-    ptrs = x_ptr + heads[:, None] * stride_h + offs[None, :]
-    n1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    n2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    half = HEAD_DIM // 2
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    cols = tl.arange(0, BLOCK_D)[None, :]
+    first = cols < half
+    partner = tl.where(first, cols + half, cols - half)
+    mask = (heads < NUM_HEADS) & (cols < HEAD_DIM)
+    rows = x_ptr + heads * stride_h
+    x = tl.load(rows + cols, mask=mask, other=0.0).to(tl.float32)
+    x_partner = tl.load(rows + partner, mask=mask, other=0.0).to(tl.float32)
+    # The per-column operands are loaded in x's [BLOCK_H, BLOCK_D] shape (every row the same), so they get x's
+    # layout: loaded [1, BLOCK_D] they got another, and x a conversion through shared memory to it.
+    same_row = heads * 0
+    freq = same_row + tl.where(first, cols, cols - half)
+    cos = tl.load(cos_sin_ptr + freq, mask=mask, other=0.0)
+    # [x1 * cos - x2 * sin | x2 * cos + x1 * sin]: the first half adds its partner's product negated (exactly a subtraction).
+    sin = tl.load(cos_sin_ptr + half + freq, mask=mask, other=0.0)
+    sin = tl.where(first, -sin, sin)
     if NORM:
-        rstd = tl.rsqrt((tl.sum(n1 * n1, axis=1) + tl.sum(n2 * n2, axis=1)) / (2 * HALF) + eps)[:, None]
-        w1 = tl.load(weight_ptr + offs, mask=offs < HALF, other=0.0).to(tl.float32)[None, :]
-        w2 = tl.load(weight_ptr + HALF + offs, mask=offs < HALF, other=0.0).to(tl.float32)[None, :]
-        n1 = (w1 * (n1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-        n2 = (w2 * (n2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-    out = out_ptr + heads[:, None] * out_stride_h + offs[None, :]
-    tl.store(out, (n1 * cos[None, :] - n2 * sin[None, :]).to(dtype), mask=mask)
-    tl.store(out + HALF, (n2 * cos[None, :] + n1 * sin[None, :]).to(dtype), mask=mask)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
+        weight = tl.load(weight_ptr + same_row + cols, mask=mask, other=0.0).to(tl.float32)
+        weight_partner = tl.load(weight_ptr + same_row + partner, mask=mask, other=0.0).to(tl.float32)
+        x = (weight * (x * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        x_partner = (weight_partner * (x_partner * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    return (x * cos + x_partner * sin).to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _norm_rope_heads(x_ptr, stride_h, out_ptr, out_stride_h, weight_ptr, cos_sin_ptr, eps, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, NORM: tl.constexpr):
+    """`norm_rotate` of the NUM_HEADS heads at x_ptr, head h written to out_ptr + h * out_stride_h (may be x_ptr: in place)."""
+    rotated = norm_rotate(x_ptr, stride_h, weight_ptr, cos_sin_ptr, eps, NUM_HEADS, HEAD_DIM, BLOCK_D, BLOCK_H, NORM)
+    tl.debug_barrier()  # every partner is read before any element is overwritten
+    heads = tl.arange(0, BLOCK_H)
+    offs = tl.arange(0, BLOCK_D)
+    mask = (heads[:, None] < NUM_HEADS) & (offs[None, :] < HEAD_DIM)
+    tl.store(out_ptr + heads[:, None] * out_stride_h + offs[None, :], rotated.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -164,8 +189,8 @@ def _rope_kernel(
     eps,
     NUM_Q_HEADS: tl.constexpr,
     NUM_K_HEADS: tl.constexpr,
-    HALF: tl.constexpr,
-    BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PAGE: tl.constexpr,
@@ -176,39 +201,33 @@ def _rope_kernel(
     k in place, or (STORE) into the token's cache slot together with its v.
 
     Grid: (N, 2): program (t, 0) does token t's q heads, (t, 1) its k heads (and v). q: [N, NUM_Q_HEADS,
-    2 * HALF], k and v: [N, NUM_K_HEADS, 2 * HALF] (contiguous last dims); q_weight, k_weight: [2 * HALF];
-    cos_sin: fp32 [max_positions, 2 * HALF] as [cos | sin]; positions: [N]; with STORE the caches
-    [num_blocks, PAGE, NUM_K_HEADS, 2 * HALF] and slot_mapping [N] (-1: the token's k and v are not stored).
-    Programs take all heads of a token's q or k (a head is only 2 * HALF elements, too little work for a
+    HEAD_DIM], k and v: [N, NUM_K_HEADS, HEAD_DIM] (contiguous last dims); q_weight, k_weight: [HEAD_DIM];
+    cos_sin: fp32 [max_positions, HEAD_DIM] as [cos | sin]; positions: [N]; with STORE the caches
+    [num_blocks, PAGE, NUM_K_HEADS, HEAD_DIM] and slot_mapping [N] (-1: the token's k and v are not stored).
+    Programs take all heads of a token's q or k (a head is only HEAD_DIM elements, too little work for a
     program); q and k in separate programs halve the chain of dependent loads and stores a program waits
     through (at decode batch sizes the kernel is latency-bound).
     """
     token = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    row = cos_sin_ptr + tl.load(positions_ptr + token).to(tl.int64) * cos_sin_stride
-    cos = tl.load(row + offs, mask=offs < HALF, other=0.0)
-    sin = tl.load(row + HALF + offs, mask=offs < HALF, other=0.0)
+    cos_sin_row = cos_sin_ptr + tl.load(positions_ptr + token).to(tl.int64) * cos_sin_stride
     k_row = k_ptr + token * k_stride_n
     if tl.program_id(1) == 0:
         q_row = q_ptr + token * q_stride_n
-        _norm_rope_heads(q_row, q_stride_h, q_row, q_stride_h, q_weight_ptr, cos, sin, eps, NUM_Q_HEADS, HALF, BLOCK, BLOCK_Q, NORM)
+        _norm_rope_heads(q_row, q_stride_h, q_row, q_stride_h, q_weight_ptr, cos_sin_row, eps, NUM_Q_HEADS, HEAD_DIM, BLOCK_D, BLOCK_Q, NORM)
     elif STORE:
         slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
         if slot >= 0:
             # v is loaded before k's stores, so its load does not wait behind them.
             heads = tl.arange(0, BLOCK_K)
-            mask = (heads[:, None] < NUM_K_HEADS) & (offs[None, :] < HALF)
-            v_src = v_ptr + token * v_stride_n + heads[:, None] * v_stride_h + offs[None, :]
-            v1 = tl.load(v_src, mask=mask)
-            v2 = tl.load(v_src + HALF, mask=mask)
+            offs = tl.arange(0, BLOCK_D)
+            mask = (heads[:, None] < NUM_K_HEADS) & (offs[None, :] < HEAD_DIM)
+            v = tl.load(v_ptr + token * v_stride_n + heads[:, None] * v_stride_h + offs[None, :], mask=mask)
             cache_row = (slot // PAGE) * cache_stride_block + (slot % PAGE) * cache_stride_token
-            _norm_rope_heads(k_row, k_stride_h, k_cache_ptr + cache_row, cache_stride_head, k_weight_ptr, cos, sin, eps, NUM_K_HEADS, HALF,
-                             BLOCK, BLOCK_K, NORM)
-            v_dst = v_cache_ptr + cache_row + heads[:, None] * cache_stride_head + offs[None, :]
-            tl.store(v_dst, v1, mask=mask)
-            tl.store(v_dst + HALF, v2, mask=mask)
+            _norm_rope_heads(k_row, k_stride_h, k_cache_ptr + cache_row, cache_stride_head, k_weight_ptr, cos_sin_row, eps, NUM_K_HEADS,
+                             HEAD_DIM, BLOCK_D, BLOCK_K, NORM)
+            tl.store(v_cache_ptr + cache_row + heads[:, None] * cache_stride_head + offs[None, :], v, mask=mask)
     else:
-        _norm_rope_heads(k_row, k_stride_h, k_row, k_stride_h, k_weight_ptr, cos, sin, eps, NUM_K_HEADS, HALF, BLOCK, BLOCK_K, NORM)
+        _norm_rope_heads(k_row, k_stride_h, k_row, k_stride_h, k_weight_ptr, cos_sin_row, eps, NUM_K_HEADS, HEAD_DIM, BLOCK_D, BLOCK_K, NORM)
 
 
 def qk_norm_rope(
@@ -251,25 +270,11 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions: tor
 def _launch_rope(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor,
                  q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float, cache: KVCacheWrite | None) -> None:
     """Check the shapes and launch two programs a token (q; k and v); without weights the heads are only rotated."""
-    if q.dim() != 3 or k.dim() != 3 or q.dtype not in _DTYPES or k.dtype != q.dtype:
-        raise ValueError(f"q/k must be [N, H, D] fp16/bf16/fp32 tensors of one dtype, got {q.dtype} {tuple(q.shape)} and {k.dtype} {tuple(k.shape)}")
+    check_rope_args(q, k, cos_sin, positions, q_weight, k_weight, cache)
     num_tokens, num_q_heads, head_dim = q.shape
-    if k.shape[0] != num_tokens or k.shape[2] != head_dim or head_dim % 2:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} need equal N and an equal, even D")
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin.stride(-1) != 1:
-        raise ValueError("q, k and cos_sin need a contiguous last dimension")
-    if cos_sin.dim() != 2 or cos_sin.shape[1] != head_dim or cos_sin.dtype != torch.float32:
-        raise ValueError(f"cos_sin must be fp32 [max_positions, {head_dim}], got {cos_sin.dtype} {tuple(cos_sin.shape)}")
-    if positions.shape != (num_tokens,) or positions.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"positions must be int32/int64 [{num_tokens}], got {positions.dtype} {tuple(positions.shape)}")
-    norm = q_weight is not None
-    for name, weight in (("q_weight", q_weight), ("k_weight", k_weight)) if norm else ():
-        if weight.shape != (head_dim,) or weight.dtype != q.dtype:
-            raise ValueError(f"{name} must be [{head_dim}] of {q.dtype}, got {weight.dtype} {tuple(weight.shape)}")
-    if cache is not None:
-        _check_cache_write(k, cache)
     if num_tokens == 0:
         return
+    norm = q_weight is not None
     v, k_cache, v_cache, slot_mapping = cache if cache is not None else (k, k, k, positions)
     _rope_kernel[(num_tokens, 2)](
         q,
@@ -295,8 +300,8 @@ def _launch_rope(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positi
         eps,
         NUM_Q_HEADS=num_q_heads,
         NUM_K_HEADS=k.shape[1],
-        HALF=head_dim // 2,
-        BLOCK=triton.next_power_of_2(head_dim // 2),
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_Q=triton.next_power_of_2(num_q_heads),
         BLOCK_K=triton.next_power_of_2(k.shape[1]),
         PAGE=k_cache.shape[1] if cache is not None else 1,
@@ -305,6 +310,28 @@ def _launch_rope(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positi
         num_warps=4,
         enable_fp_fusion=False,
     )
+
+
+def check_rope_args(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor | None,
+                    k_weight: torch.Tensor | None, cache: KVCacheWrite | None) -> None:
+    """The arguments of `qk_norm_rope` (or `rope`, without weights) are what it documents (raises ValueError)."""
+    if q.dim() != 3 or k.dim() != 3 or q.dtype not in _DTYPES or k.dtype != q.dtype:
+        raise ValueError(f"q/k must be [N, H, D] fp16/bf16/fp32 tensors of one dtype, got {q.dtype} {tuple(q.shape)} and {k.dtype} {tuple(k.shape)}")
+    num_tokens, num_q_heads, head_dim = q.shape
+    if k.shape[0] != num_tokens or k.shape[2] != head_dim or head_dim % 2:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} need equal N and an equal, even D")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin.stride(-1) != 1:
+        raise ValueError("q, k and cos_sin need a contiguous last dimension")
+    if cos_sin.dim() != 2 or cos_sin.shape[1] != head_dim or cos_sin.dtype != torch.float32:
+        raise ValueError(f"cos_sin must be fp32 [max_positions, {head_dim}], got {cos_sin.dtype} {tuple(cos_sin.shape)}")
+    if positions.shape != (num_tokens,) or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"positions must be int32/int64 [{num_tokens}], got {positions.dtype} {tuple(positions.shape)}")
+    norm = q_weight is not None
+    for name, weight in (("q_weight", q_weight), ("k_weight", k_weight)) if norm else ():
+        if weight.shape != (head_dim,) or weight.dtype != q.dtype:
+            raise ValueError(f"{name} must be [{head_dim}] of {q.dtype}, got {weight.dtype} {tuple(weight.shape)}")
+    if cache is not None:
+        _check_cache_write(k, cache)
 
 
 def _check_cache_write(k: torch.Tensor, cache: KVCacheWrite) -> None:

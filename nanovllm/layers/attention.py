@@ -47,7 +47,8 @@ class AttentionMetadata:
 
 class AttentionBackend:
     """Per-step hooks: `begin_step` takes the step's metadata (derived tensors are built here, once),
-    `end_step` drops it; `rotate_and_store` and `forward` run in every layer."""
+    `end_step` drops it; `attend` runs in every layer: `rotate_and_store` then `forward`, unless the
+    backend fuses them."""
 
     name: str
 
@@ -59,6 +60,12 @@ class AttentionBackend:
 
     def end_step(self) -> None:
         self.metadata = None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+               norms: tuple[RMSNorm, RMSNorm] | tuple[()], k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        """One layer's attention: q, k, v [N, H, D] as projected -> [N, Hq, D] (see `Attention.forward`)."""
+        q = self.rotate_and_store(q, k, v, positions, rotary, norms, k_cache, v_cache)
+        return self.forward(q, k_cache, v_cache, scale)
 
     def rotate_and_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                          norms: tuple[RMSNorm, RMSNorm] | tuple[()], k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -121,12 +128,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
 
 
 class TritonBackend(AttentionBackend):
-    """Our Triton kernels: the rotary kernel stores K/V (no separate store kernel), split-KV decode, and
-    for other steps varlen attention (its decode rows to the decode kernel, longer queries to the varlen
+    """Our Triton kernels: split-KV decode, and for other steps varlen attention (its decode rows to the
+    decode kernel, longer queries to the varlen kernel). In a decode step the decode kernel also does the
+    rotary and the K/V store (one kernel a layer); otherwise the rotary kernel stores K/V (no separate store
     kernel). The decode kernel's programs start longest sequence first in every step."""
 
     name = "triton"
     orders_decode = True  # begin_step sorts the step's sequences for the decode kernel
+    rotates_in_decode = True  # the decode kernel does the rotary kernel's work in decode steps
 
     def __init__(self) -> None:
         super().__init__()
@@ -135,6 +144,7 @@ class TritonBackend(AttentionBackend):
         self._cache_write = fused.KVCacheWrite
         self._varlen = paged_attention.paged_attention_varlen
         self._decode = decode_attention.paged_attention_decode
+        self._decode_rotary = decode_attention.DecodeRotary
         self._longest_first = decode_attention.longest_first
         self._decode_order: torch.Tensor | None = None
 
@@ -148,6 +158,19 @@ class TritonBackend(AttentionBackend):
     def end_step(self) -> None:
         super().end_step()
         self._decode_order = None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+               norms: tuple[RMSNorm, RMSNorm] | tuple[()], k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        """A decode step's layer is one kernel (the rotary kernel costs ~3 us a layer at decode batch sizes, measured
+        on the H200, most of it latency); other steps, and norms with two epsilons, take the two-kernel path."""
+        ctx = self.metadata
+        if not (self.rotates_in_decode and ctx.is_decode and (not norms or norms[0].eps == norms[1].eps)):
+            return super().attend(q, k, v, positions, rotary, norms, k_cache, v_cache, scale)
+        weights = (norms[0].weight, norms[1].weight, norms[0].eps) if norms else ()
+        new_tokens = self._decode_rotary(k, v, ctx.slot_mapping, rotary.cos_sin, *weights)
+        out = torch.empty_like(q)
+        self._decode(q, k_cache, v_cache, out, ctx.seq_lens, ctx.block_tables, scale, self._decode_order, new_tokens)
+        return out
 
     def rotate_and_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                          norms: tuple[RMSNorm, RMSNorm] | tuple[()], k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -172,6 +195,7 @@ class FlashAttnBackend(TritonBackend):
 
     name = "flash_attn"
     orders_decode = False  # flash-attn decodes: no order to build
+    rotates_in_decode = False  # flash-attn reads the new token's K/V from the cache: the rotary kernel stores it first
 
     def __init__(self) -> None:
         super().__init__()
@@ -244,5 +268,4 @@ class Attention(nn.Module):
         """q [N, Hq, D], k/v [N, Hkv, D] as projected (q and k may be changed in place), positions [N]
         -> [N, Hq, D], inside the backend's begin_step/end_step. `norms`: the (q_norm, k_norm) applied
         before the rotary, if the family has them."""
-        q = self.backend.rotate_and_store(q, k, v, positions, rotary, norms, self.k_cache, self.v_cache)
-        return self.backend.forward(q, self.k_cache, self.v_cache, self.scale)
+        return self.backend.attend(q, k, v, positions, rotary, norms, self.k_cache, self.v_cache, self.scale)
