@@ -4,7 +4,8 @@ Each program reads one slice of one sequence's KV for one KV head with every que
 packed into the rows of a ``tl.dot``, so each KV byte is read once; a small second kernel merges the
 partial results. The number of splits depends only on static facts, so the call can be captured in a
 CUDA graph. In its mixed mode the kernel serves the single-token sequences of a varlen batch
-(see `paged_attention.paged_attention_varlen`).
+(see `paged_attention.paged_attention_varlen`). In a decode step it can also do the rotary kernel's
+work itself (`DecodeRotary`): a decode step's attention is then one kernel a layer.
 """
 
 import math
