@@ -64,15 +64,16 @@ def _uniform(bits):
 
 
 @triton.jit
-def _exponential_log2(bits, FAST_LOG2: tl.constexpr):
-    """-log2 u of u = `_uniform(bits)`: with FAST_LOG2 from the series -log2(1 - w) = (w + w^2/2 + w^3/3 + ...) / ln2
-    in w = 1 - u where w < 2**-7 (truncation error below 2**-23 relative), else from the hardware's log2 of u
-    (absolute error 2**-22 on a value above 0.011); without it the accurate log2."""
+def _noise_log2(bits, FAST_LOG2: tl.constexpr):
+    """log2(-log2 u) of u = `_uniform(bits)`. With FAST_LOG2 -log2 u comes from the series -log2(1 - w) = (w +
+    w^2/2 + w^3/3 + ...) / ln2 in w = 1 - u where w < 2**-7 (truncation error below 2**-23 relative), else from
+    the hardware's log2 of u (absolute error 2**-22 on a value above 0.011), and the outer log2 is the
+    hardware's; without it both are the accurate log2."""
     if FAST_LOG2:
         w = ((0x7FFFFF - (bits >> 9)).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23: 1 - u, exact
         series = w * (1.4426950408889634 + w * (0.7213475204444817 + w * 0.48089834696298783))
-        return tl.where(w < 0.0078125, series, -libdevice.fast_log2f(1.0 - w))
-    return -tl.log2(_uniform(bits))
+        return libdevice.fast_log2f(tl.where(w < 0.0078125, series, -libdevice.fast_log2f(1.0 - w)))
+    return tl.log2(-tl.log2(_uniform(bits)))
 
 
 @triton.jit(do_not_specialize=["seed", "chunk_size", "num_chunks"])
@@ -105,12 +106,7 @@ def _chunk_best_kernel(logits_ptr, temperatures_ptr, best_score_ptr, best_index_
     while start < chunk_end:
         offs = start + lanes
         logits = tl.load(base + offs, mask=offs < chunk_end, other=float("-inf")).to(tl.float32)
-        exponential_log2 = _exponential_log2(_mix32(key ^ token_mix), FAST_LOG2)
-        if FAST_LOG2:
-            gumbel_log2 = libdevice.fast_log2f(exponential_log2)
-        else:
-            gumbel_log2 = tl.log2(exponential_log2)
-        score = logits - noise_scale * gumbel_log2
+        score = logits - noise_scale * _noise_log2(_mix32(key ^ token_mix), FAST_LOG2)
         better = score > best_score
         best_score = tl.where(better, score, best_score)
         best_index = tl.where(better, offs, best_index)
